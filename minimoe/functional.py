@@ -1,0 +1,1138 @@
+"""The ops: each a Function with its forward and its backward side by side.
+
+Import as `import minimoe.functional as F`. Every forward computes with the array module of its inputs
+(`xp = get_array_module(x)`), so the same line runs on NumPy and CuPy. Every backward receives `g`, the
+gradient of the loss with respect to the op's output, and returns the gradient with respect to each input.
+
+Notation in the docstrings: y is the output, g = dL/dy the incoming gradient, ⊙ the elementwise product.
+Tie rules: `max` splits the gradient equally among tied maxima (like torch.amax); `maximum`/`minimum` give
+half to each side of a tie (like torch); `topk` keeps the lower index first among equal values.
+"""
+
+import builtins
+import itertools
+import math
+
+from .autograd import Function, ShapeError, Tensor, sum_to
+from .backend import backend_of, device_rng, get_array_module
+
+__all__ = [
+    "add", "sub", "mul", "div", "neg", "pow", "maximum", "minimum", "clip",
+    "exp", "log", "sqrt", "tanh", "sigmoid", "relu", "silu", "gelu", "cast",
+    "matmul", "linear",
+    "sum", "mean", "max", "var", "logsumexp",
+    "reshape", "transpose", "permute", "broadcast_to", "getitem", "take_along_axis", "gather", "index_add",
+    "concatenate", "stack", "split", "where", "masked_fill", "topk",
+    "softmax", "log_softmax", "cross_entropy", "embedding", "rms_norm", "layer_norm", "dropout",
+]
+
+
+def _axes(axis, ndim):
+    """Normalise an axis argument (None, int or tuple, possibly negative) to a sorted tuple of axes."""
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    for a in axes:
+        if not -builtins.max(ndim, 1) <= a < builtins.max(ndim, 1):
+            raise ShapeError(f"axis {a} is out of range for a tensor with {ndim} dimensions")
+    return tuple(sorted(a % ndim for a in axes)) if ndim else ()  # a 0-d tensor reduces over no axis
+
+
+def _expand_reduced(g, axes, keepdims):
+    """Put back the axes a reduction removed, so that g broadcasts against the reduction's input."""
+    return g if keepdims else get_array_module(g).expand_dims(g, axes)
+
+
+def _reduced_count(shape, axes):
+    return math.prod(shape[a] for a in axes)
+
+
+# ==============================================================================================================
+# elementwise arithmetic (broadcasting: backward may return the output's shape; the engine sums it down)
+# ==============================================================================================================
+
+class Add(Function):
+    """y = a + b;   dL/da = g,   dL/db = g."""
+
+    def forward(self, a, b):
+        return a + b
+
+    def backward(self, g):
+        return g, g
+
+
+class Sub(Function):
+    """y = a - b;   dL/da = g,   dL/db = -g."""
+
+    def forward(self, a, b):
+        return a - b
+
+    def backward(self, g):
+        return g, -g
+
+
+class Mul(Function):
+    """y = a ⊙ b;   dL/da = g ⊙ b,   dL/db = g ⊙ a."""
+
+    def forward(self, a, b):
+        self.save(a, b)
+        return a * b
+
+    def backward(self, g):
+        a, b = self.saved
+        return g * b, g * a
+
+
+class Div(Function):
+    """y = a / b;   dL/da = g / b,   dL/db = -g ⊙ a / b²."""
+
+    def forward(self, a, b):
+        self.save(a, b)
+        return a / b
+
+    def backward(self, g):
+        a, b = self.saved
+        ga = g / b
+        return ga, (-ga * a / b if self.needs_grad[1] else None)
+
+
+class Neg(Function):
+    """y = -x;   dL/dx = -g."""
+
+    def forward(self, x):
+        return -x
+
+    def backward(self, g):
+        return -g
+
+
+class Pow(Function):
+    """y = x ** p;   dL/dx = g ⊙ p x^(p-1),   dL/dp = g ⊙ y ln x."""
+
+    def forward(self, x, p):
+        y = x ** p
+        self.save(x, p, y)
+        return y
+
+    def backward(self, g):
+        x, p, y = self.saved
+        xp = get_array_module(x)
+        gx = g * p * x ** (p - 1) if self.needs_grad[0] else None
+        gp = g * y * xp.log(x) if self.needs_grad[1] else None
+        return gx, gp
+
+
+class Maximum(Function):
+    """y = max(a, b) elementwise; the gradient goes to the larger input (half to each on a tie)."""
+
+    def forward(self, a, b):
+        self.save(a, b)
+        return get_array_module(a).maximum(a, b)
+
+    def backward(self, g):
+        a, b = self.saved
+        share_a = (a > b) + 0.5 * (a == b)
+        return g * share_a, g * (1 - share_a)
+
+
+class Minimum(Function):
+    """y = min(a, b) elementwise; the gradient goes to the smaller input (half to each on a tie)."""
+
+    def forward(self, a, b):
+        self.save(a, b)
+        return get_array_module(a).minimum(a, b)
+
+    def backward(self, g):
+        a, b = self.saved
+        share_a = (a < b) + 0.5 * (a == b)
+        return g * share_a, g * (1 - share_a)
+
+
+class Clip(Function):
+    """y = min(max(x, low), high);   dL/dx = g where low ≤ x ≤ high, else 0 (as torch.clamp)."""
+
+    def __init__(self, low, high):
+        self.low, self.high = low, high
+
+    def forward(self, x):
+        self.save(x)
+        return get_array_module(x).clip(x, self.low, self.high)
+
+    def backward(self, g):
+        (x,) = self.saved
+        inside = get_array_module(x).ones(x.shape, dtype=bool)
+        if self.low is not None:
+            inside &= x >= self.low
+        if self.high is not None:
+            inside &= x <= self.high
+        return g * inside
+
+
+def add(a, b):
+    return Add()(a, b)
+
+
+def sub(a, b):
+    return Sub()(a, b)
+
+
+def mul(a, b):
+    return Mul()(a, b)
+
+
+def div(a, b):
+    return Div()(a, b)
+
+
+def neg(x):
+    return Neg()(x)
+
+
+def pow(x, p):
+    return Pow()(x, p)
+
+
+def maximum(a, b):
+    return Maximum()(a, b)
+
+
+def minimum(a, b):
+    return Minimum()(a, b)
+
+
+def clip(x, low=None, high=None):
+    """Clamp x to [low, high] (either bound may be None)."""
+    return Clip(low, high)(x)
+
+
+# ==============================================================================================================
+# elementwise functions
+# ==============================================================================================================
+
+class Exp(Function):
+    """y = eˣ;   dL/dx = g ⊙ y."""
+
+    def forward(self, x):
+        y = get_array_module(x).exp(x)
+        self.save(y)
+        return y
+
+    def backward(self, g):
+        (y,) = self.saved
+        return g * y
+
+
+class Log(Function):
+    """y = ln x;   dL/dx = g / x."""
+
+    def forward(self, x):
+        self.save(x)
+        return get_array_module(x).log(x)
+
+    def backward(self, g):
+        (x,) = self.saved
+        return g / x
+
+
+class Sqrt(Function):
+    """y = √x;   dL/dx = g / (2y)."""
+
+    def forward(self, x):
+        y = get_array_module(x).sqrt(x)
+        self.save(y)
+        return y
+
+    def backward(self, g):
+        (y,) = self.saved
+        return g / (2 * y)
+
+
+class Tanh(Function):
+    """y = tanh x;   dL/dx = g ⊙ (1 - y²)."""
+
+    def forward(self, x):
+        y = get_array_module(x).tanh(x)
+        self.save(y)
+        return y
+
+    def backward(self, g):
+        (y,) = self.saved
+        return g * (1 - y * y)
+
+
+def _sigmoid(x):
+    """σ(x) = 1 / (1 + e⁻ˣ), written as (1 + tanh(x/2)) / 2, which never overflows."""
+    return 0.5 * (get_array_module(x).tanh(0.5 * x) + 1)
+
+
+class Sigmoid(Function):
+    """y = σ(x) = 1 / (1 + e⁻ˣ);   dL/dx = g ⊙ y (1 - y)."""
+
+    def forward(self, x):
+        y = _sigmoid(x)
+        self.save(y)
+        return y
+
+    def backward(self, g):
+        (y,) = self.saved
+        return g * y * (1 - y)
+
+
+class Relu(Function):
+    """y = max(x, 0);   dL/dx = g where x > 0, else 0."""
+
+    def forward(self, x):
+        self.save(x)
+        return get_array_module(x).maximum(x, 0)
+
+    def backward(self, g):
+        (x,) = self.saved
+        return g * (x > 0)
+
+
+class Silu(Function):
+    """y = x σ(x) (also called swish);   dL/dx = g ⊙ σ(x) (1 + x (1 - σ(x)))."""
+
+    def forward(self, x):
+        s = _sigmoid(x)
+        self.save(x, s)
+        return x * s
+
+    def backward(self, g):
+        x, s = self.saved
+        return g * s * (1 + x * (1 - s))
+
+
+class Gelu(Function):
+    """y = x Φ(x), Φ the standard normal CDF.
+    exact:  Φ(x) = (1 + erf(x/√2)) / 2;                 dL/dx = g ⊙ (Φ(x) + x φ(x)),  φ the normal density
+    tanh:   y ≈ x (1 + tanh u) / 2,  u = √(2/π)(x + 0.044715 x³);
+            dL/dx = g ⊙ ((1 + tanh u)/2 + x (1 - tanh² u) √(2/π)(1 + 3·0.044715 x²) / 2)"""
+
+    C, A = math.sqrt(2 / math.pi), 0.044715
+
+    def __init__(self, approximate):
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+        self.approximate = approximate
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        if self.approximate == "tanh":
+            t = xp.tanh(self.C * (x + self.A * x ** 3))
+            self.save(x, t)
+            return 0.5 * x * (1 + t)
+        cdf = 0.5 * (1 + backend_of(x).erf(x * (1 / math.sqrt(2))))
+        self.save(x, cdf)
+        return x * cdf
+
+    def backward(self, g):
+        x, saved = self.saved
+        if self.approximate == "tanh":
+            t = saved
+            return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * self.C * (1 + 3 * self.A * x * x))
+        density = get_array_module(x).exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
+        return g * (saved + x * density)
+
+
+class Cast(Function):
+    """y = x as another dtype;   dL/dx = g cast back to x's dtype."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def forward(self, x):
+        self.save(x.dtype)
+        return x.astype(self.dtype)
+
+    def backward(self, g):
+        (dtype,) = self.saved
+        return g.astype(dtype)
+
+
+def exp(x):
+    return Exp()(x)
+
+
+def log(x):
+    return Log()(x)
+
+
+def sqrt(x):
+    return Sqrt()(x)
+
+
+def tanh(x):
+    return Tanh()(x)
+
+
+def sigmoid(x):
+    return Sigmoid()(x)
+
+
+def relu(x):
+    return Relu()(x)
+
+
+def silu(x):
+    return Silu()(x)
+
+
+def gelu(x, approximate="none"):
+    """GELU; approximate="tanh" for the tanh approximation (GPT-2), "none" for the exact erf form."""
+    return Gelu(approximate)(x)
+
+
+def cast(x, dtype):
+    return Cast(dtype)(x)
+
+
+# ==============================================================================================================
+# matrix products
+# ==============================================================================================================
+
+class Matmul(Function):
+    """y = a @ b, batched and broadcasting like numpy.matmul (1-D operands act as a row / a column).
+    dL/da = g @ bᵀ,   dL/db = aᵀ @ g   (ᵀ swaps the last two axes; broadcast batch axes are summed)."""
+
+    def forward(self, a, b):
+        if a.ndim == 0 or b.ndim == 0:
+            raise ShapeError(f"matmul: operands must have at least 1 dimension, got shapes {a.shape} and {b.shape}")
+        if a.shape[-1] != b.shape[-2 if b.ndim > 1 else 0]:
+            raise ShapeError(f"matmul: cannot multiply shapes {a.shape} and {b.shape}: the inner sizes "
+                             f"{a.shape[-1]} and {b.shape[-2 if b.ndim > 1 else 0]} differ")
+        self.save(a, b)
+        return a @ b
+
+    def backward(self, g):
+        a, b = self.saved
+        a2 = a[None, :] if a.ndim == 1 else a  # (1, k)
+        b2 = b[:, None] if b.ndim == 1 else b  # (k, 1)
+        g2 = g[..., None] if b.ndim == 1 else g  # put back the axes the 1-D operands dropped: (..., m, p)
+        if a.ndim == 1:
+            g2 = get_array_module(g).expand_dims(g2, -2)
+        ga = gb = None
+        if self.needs_grad[0]:
+            ga = sum_to(g2 @ b2.swapaxes(-1, -2), a2.shape).reshape(a.shape)
+        if self.needs_grad[1]:
+            if b2.ndim == 2 and a2.ndim > 2:  # a weight shared by every batch: fold the batch into one product
+                gb = a2.reshape(-1, a2.shape[-1]).T @ g2.reshape(-1, g2.shape[-1])
+            else:
+                gb = sum_to(a2.swapaxes(-1, -2) @ g2, b2.shape)
+            gb = gb.reshape(b.shape)
+        return ga, gb
+
+
+class Linear(Function):
+    """y = x Wᵀ + b, W of shape (out, in) as in torch.nn.Linear.
+    dL/dx = g W,   dL/dW = Σ_rows gᵀ x,   dL/db = Σ_rows g."""
+
+    def forward(self, x, weight, bias=None):
+        if x.shape[-1] != weight.shape[-1]:
+            raise ShapeError(f"linear: input has {x.shape[-1]} features (shape {x.shape}) but the weight "
+                             f"{weight.shape} expects {weight.shape[-1]}")
+        self.save(x, weight)
+        y = x @ weight.T  # (..., out)
+        return y if bias is None else y + bias
+
+    def backward(self, g):
+        x, weight = self.saved
+        g2 = g.reshape(-1, g.shape[-1])  # (rows, out)
+        gx = g @ weight if self.needs_grad[0] else None  # (..., in)
+        gw = g2.T @ x.reshape(-1, x.shape[-1]) if self.needs_grad[1] else None  # (out, in)
+        gb = g2.sum(axis=0) if len(self.needs_grad) > 2 and self.needs_grad[2] else None  # (out,)
+        return gx, gw, gb
+
+
+def matmul(a, b):
+    return Matmul()(a, b)
+
+
+def linear(x, weight, bias=None):
+    """x @ weight.T + bias, with weight stored (out_features, in_features) like PyTorch."""
+    return Linear()(x, weight) if bias is None else Linear()(x, weight, bias)
+
+
+# ==============================================================================================================
+# reductions
+# ==============================================================================================================
+
+class Sum(Function):
+    """y = Σ over `axis` of x;   dL/dx = g broadcast back over the summed axes."""
+
+    def __init__(self, axis, keepdims):
+        self.axis, self.keepdims = axis, keepdims
+
+    def forward(self, x):
+        self.axes = _axes(self.axis, x.ndim)
+        self.save(x.shape)
+        return x.sum(axis=self.axes, keepdims=self.keepdims)
+
+    def backward(self, g):
+        (shape,) = self.saved
+        return get_array_module(g).broadcast_to(_expand_reduced(g, self.axes, self.keepdims), shape)
+
+
+class Mean(Function):
+    """y = (1/n) Σ over `axis` of x;   dL/dx = g / n broadcast back (n = number of elements averaged)."""
+
+    def __init__(self, axis, keepdims):
+        self.axis, self.keepdims = axis, keepdims
+
+    def forward(self, x):
+        self.axes = _axes(self.axis, x.ndim)
+        self.save(x.shape)
+        return x.mean(axis=self.axes, keepdims=self.keepdims)
+
+    def backward(self, g):
+        (shape,) = self.saved
+        g = _expand_reduced(g, self.axes, self.keepdims) * (1 / _reduced_count(shape, self.axes))
+        return get_array_module(g).broadcast_to(g, shape)
+
+
+class Max(Function):
+    """y = max over `axis` of x;   dL/dx = g at the maximum (split equally among tied maxima), 0 elsewhere."""
+
+    def __init__(self, axis, keepdims):
+        self.axis, self.keepdims = axis, keepdims
+
+    def forward(self, x):
+        self.axes = _axes(self.axis, x.ndim)
+        y = x.max(axis=self.axes, keepdims=True)
+        self.save(x, y)
+        return y if self.keepdims else y.reshape(tuple(n for i, n in enumerate(x.shape) if i not in self.axes))
+
+    def backward(self, g):
+        x, y = self.saved
+        is_max = x == y
+        return _expand_reduced(g, self.axes, self.keepdims) * is_max / is_max.sum(axis=self.axes, keepdims=True)
+
+
+class Var(Function):
+    """y = Σ (x - x̄)² / (n - correction) over `axis` (correction=1: unbiased, torch's default; 0: population).
+    dL/dx = g ⊙ 2 (x - x̄) / (n - correction)."""
+
+    def __init__(self, axis, keepdims, correction):
+        self.axis, self.keepdims, self.correction = axis, keepdims, correction
+
+    def forward(self, x):
+        self.axes = _axes(self.axis, x.ndim)
+        centered = x - x.mean(axis=self.axes, keepdims=True)
+        denominator = _reduced_count(x.shape, self.axes) - self.correction
+        self.save(centered, denominator)
+        return (centered * centered).sum(axis=self.axes, keepdims=self.keepdims) / denominator
+
+    def backward(self, g):
+        centered, denominator = self.saved
+        return _expand_reduced(g, self.axes, self.keepdims) * centered * (2 / denominator)
+
+
+class LogSumExp(Function):
+    """y = log Σ exp(x) over `axis`, computed as m + log Σ exp(x - m) with m = max x (no overflow).
+    dL/dx = g ⊙ softmax(x)."""
+
+    def __init__(self, axis, keepdims):
+        self.axis, self.keepdims = axis, keepdims
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        self.axes = _axes(self.axis, x.ndim)
+        m = x.max(axis=self.axes, keepdims=True)
+        e = xp.exp(x - m)
+        total = e.sum(axis=self.axes, keepdims=True)
+        self.save(e / total)
+        y = m + xp.log(total)
+        return y if self.keepdims else y.reshape(tuple(n for i, n in enumerate(x.shape) if i not in self.axes))
+
+    def backward(self, g):
+        (probabilities,) = self.saved
+        return _expand_reduced(g, self.axes, self.keepdims) * probabilities
+
+
+def sum(x, axis=None, keepdims=False):
+    return Sum(axis, keepdims)(x)
+
+
+def mean(x, axis=None, keepdims=False):
+    return Mean(axis, keepdims)(x)
+
+
+def max(x, axis=None, keepdims=False):
+    return Max(axis, keepdims)(x)
+
+
+def var(x, axis=None, keepdims=False, correction=1):
+    return Var(axis, keepdims, correction)(x)
+
+
+def logsumexp(x, axis=-1, keepdims=False):
+    return LogSumExp(axis, keepdims)(x)
+
+
+# ==============================================================================================================
+# shapes, indexing, joining
+# ==============================================================================================================
+
+class Reshape(Function):
+    """y = x with a new shape (same elements, same order);   dL/dx = g reshaped back."""
+
+    def __init__(self, shape):
+        self.shape = shape
+
+    def forward(self, x):
+        self.save(x.shape)
+        return x.reshape(self.shape)
+
+    def backward(self, g):
+        (shape,) = self.saved
+        return g.reshape(shape)
+
+
+class Permute(Function):
+    """y = x with its axes reordered (y.shape[i] = x.shape[axes[i]]);   dL/dx = g with the inverse order."""
+
+    def __init__(self, axes):
+        self.axes = axes
+
+    def forward(self, x):
+        if sorted(a % x.ndim for a in self.axes) != list(range(x.ndim)):
+            raise ShapeError(f"permute: {self.axes} is not an ordering of the {x.ndim} axes of shape {x.shape}")
+        return x.transpose(self.axes)
+
+    def backward(self, g):
+        inverse = sorted(range(len(self.axes)), key=lambda i: self.axes[i] % len(self.axes))
+        return g.transpose(inverse)
+
+
+class BroadcastTo(Function):
+    """y = x broadcast to `shape`;   dL/dx = g summed back down (the engine does it)."""
+
+    def __init__(self, shape):
+        self.shape = shape
+
+    def forward(self, x):
+        return get_array_module(x).broadcast_to(x, self.shape)
+
+    def backward(self, g):
+        return g
+
+
+def _is_basic_index(index):
+    """Slices, integers, None and Ellipsis never select an element twice; nor do boolean masks."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(p is None or p is Ellipsis or isinstance(p, (int, slice))
+               or (hasattr(p, "dtype") and p.dtype.kind == "b") for p in parts)
+
+
+class GetItem(Function):
+    """y = x[index] (basic or advanced indexing).
+    dL/dx = zeros with g written (basic) or scatter-added (advanced: a repeated index collects every copy's
+    gradient) at the indexed positions."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def forward(self, x):
+        self.save(x.shape, x.dtype)
+        return x[self.index]
+
+    def backward(self, g):
+        shape, dtype = self.saved
+        xp = get_array_module(g)
+        gx = xp.zeros(shape, dtype=dtype)
+        if _is_basic_index(self.index):
+            gx[self.index] = g
+        else:
+            xp.add.at(gx, self.index, g)
+        return gx
+
+    def release(self):
+        super().release()
+        self.index = None  # index arrays can be as large as the data
+
+
+def _along_axis_index(indices, axis, shape):
+    """The full index tuple that makes x[tuple] equal take_along_axis(x, indices, axis)."""
+    xp = get_array_module(indices)
+    ndim = len(shape)
+    grids = [xp.arange(n).reshape((1,) * d + (n,) + (1,) * (ndim - d - 1)) for d, n in enumerate(shape)]
+    grids[axis] = indices
+    return tuple(grids)
+
+
+class TakeAlongAxis(Function):
+    """y = take_along_axis(x, indices, axis): y[..., j, ...] = x[..., indices[..., j, ...], ...].
+    dL/dx = zeros with g scatter-added at the taken positions (repeated indices accumulate)."""
+
+    def __init__(self, indices, axis):
+        self.indices, self.axis = indices, axis
+
+    def forward(self, x):
+        if self.indices.ndim != x.ndim:
+            raise ShapeError(f"take_along_axis: indices of shape {self.indices.shape} need as many dimensions as "
+                             f"the input of shape {x.shape}")
+        self.save(x.shape, x.dtype)
+        return get_array_module(x).take_along_axis(x, self.indices, axis=self.axis)
+
+    def backward(self, g):
+        shape, dtype = self.saved
+        xp = get_array_module(g)
+        gx = xp.zeros(shape, dtype=dtype)
+        xp.add.at(gx, _along_axis_index(self.indices, self.axis % len(shape), shape), g)
+        return gx
+
+    def release(self):
+        super().release()
+        self.indices = None
+
+
+class IndexAdd(Function):
+    """y = x, then y[index[i]] += source[i] along axis 0 (repeated indices accumulate).
+    dL/dx = g,   dL/dsource = g[index].   This is the 'combine' of a Mixture-of-Experts layer."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def forward(self, x, source):
+        if source.shape[1:] != x.shape[1:] or source.shape[0] != self.index.shape[0]:
+            raise ShapeError(f"index_add: source {source.shape} must be (len(index)={self.index.shape[0]},) + "
+                             f"{x.shape[1:]} to add into {x.shape}")
+        y = x.copy()
+        get_array_module(x).add.at(y, self.index, source)
+        return y
+
+    def backward(self, g):
+        return g, (g[self.index] if self.needs_grad[1] else None)
+
+    def release(self):
+        super().release()
+        self.index = None
+
+
+class Concatenate(Function):
+    """y = the inputs joined along `axis`;   dL/dxᵢ = the slice of g that xᵢ became."""
+
+    def __init__(self, axis):
+        self.axis = axis
+
+    def forward(self, *xs):
+        self.save(list(itertools.accumulate(x.shape[self.axis] for x in xs))[:-1])
+        return get_array_module(xs[0]).concatenate(xs, axis=self.axis)
+
+    def backward(self, g):
+        (boundaries,) = self.saved
+        return tuple(get_array_module(g).split(g, boundaries, axis=self.axis))
+
+
+class Stack(Function):
+    """y = the inputs stacked along a new `axis`;   dL/dxᵢ = g taken at position i of that axis."""
+
+    def __init__(self, axis):
+        self.axis = axis
+
+    def forward(self, *xs):
+        return get_array_module(xs[0]).stack(xs, axis=self.axis)
+
+    def backward(self, g):
+        return tuple(get_array_module(g).moveaxis(g, self.axis, 0))
+
+
+class Where(Function):
+    """y = a where condition else b;   dL/da = g where condition,   dL/db = g elsewhere."""
+
+    def __init__(self, condition):
+        self.condition = condition
+
+    def forward(self, a, b):
+        return get_array_module(a).where(self.condition, a, b)
+
+    def backward(self, g):
+        zero = get_array_module(g).zeros((), dtype=g.dtype)
+        xp = get_array_module(g)
+        return xp.where(self.condition, g, zero), xp.where(self.condition, zero, g)
+
+    def release(self):
+        super().release()
+        self.condition = None
+
+
+def _raw(value):
+    """Tensor -> its array; lists -> arrays are left to the op's array module."""
+    return value.data if isinstance(value, Tensor) else value
+
+
+def reshape(x, *shape):
+    shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+    return Reshape(tuple(shape))(x)
+
+
+def permute(x, *axes):
+    axes = axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes
+    return Permute(tuple(axes))(x)
+
+
+def transpose(x, axis0=-2, axis1=-1):
+    """Swap two axes (torch's transpose(dim0, dim1)); by default the last two."""
+    axes = list(range(x.ndim))
+    axes[axis0], axes[axis1] = axes[axis1], axes[axis0]
+    return Permute(tuple(axes))(x)
+
+
+def broadcast_to(x, shape):
+    return BroadcastTo(tuple(shape))(x)
+
+
+def getitem(x, index):
+    """x[index]; `index` may hold ints, slices, None, Ellipsis, lists, arrays and integer/boolean tensors."""
+    xp = get_array_module(x.data)
+
+    def convert(part):
+        part = _raw(part)
+        return xp.asarray(part) if isinstance(part, list) else part
+
+    index = tuple(convert(p) for p in index) if isinstance(index, tuple) else convert(index)
+    return GetItem(index)(x)
+
+
+def take_along_axis(x, indices, axis):
+    """Like numpy.take_along_axis; differentiable in x (indices are integers)."""
+    return TakeAlongAxis(_raw(indices), axis)(x)
+
+
+def gather(x, axis, indices):
+    """torch.gather's argument order; the same as take_along_axis when `indices` has x's shape outside `axis`."""
+    return take_along_axis(x, indices, axis)
+
+
+def index_add(x, index, source):
+    """x with source[i] added to row index[i] (axis 0); repeated indices accumulate."""
+    return IndexAdd(_raw(index))(x, source)
+
+
+def concatenate(tensors, axis=0):
+    return Concatenate(axis)(*tensors)
+
+
+def stack(tensors, axis=0):
+    return Stack(axis)(*tensors)
+
+
+def split(x, sizes, axis=-1):
+    """Split along `axis` into pieces of the given sizes (an int: equal pieces of that size). Each piece is a
+    slice of x, so the gradient of each flows back into its own part of x."""
+    length = x.shape[axis]
+    if isinstance(sizes, int):
+        if length % sizes:
+            raise ShapeError(f"split: axis {axis} of shape {x.shape} does not divide into pieces of {sizes}")
+        sizes = [sizes] * (length // sizes)
+    if builtins.sum(sizes) != length:
+        raise ShapeError(f"split: sizes {list(sizes)} add up to {builtins.sum(sizes)}, not {length} "
+                         f"(axis {axis} of shape {x.shape})")
+    lead = (slice(None),) * (axis % x.ndim)
+    pieces, start = [], 0
+    for size in sizes:
+        pieces.append(getitem(x, lead + (slice(start, start + size),)))
+        start += size
+    return pieces
+
+
+def where(condition, a, b):
+    """a where condition else b, elementwise with broadcasting; a or b may be Python numbers."""
+    return Where(_raw(condition))(a, b)
+
+
+def masked_fill(x, mask, value):
+    """x with `value` wherever mask is True."""
+    return Where(_raw(mask))(value, x)
+
+
+def topk(x, k, axis=-1):
+    """The k largest entries along `axis`, largest first, and their integer indices.
+    Returns (values, indices): values is differentiable (a take_along_axis of x); indices is an integer tensor.
+    Ties: among equal values the lower index comes first (a stable sort)."""
+    if not 0 < k <= x.shape[axis]:
+        raise ShapeError(f"topk: k={k} but axis {axis} of shape {x.shape} has {x.shape[axis]} entries")
+    xp = get_array_module(x.data)
+    order = xp.argsort(-x.data, axis=axis, kind="stable")
+    indices = xp.take(order, xp.arange(k), axis=axis)
+    return take_along_axis(x, indices, axis), Tensor(indices)
+
+
+# ==============================================================================================================
+# neural-network ops
+# ==============================================================================================================
+
+class Softmax(Function):
+    """y = exp(x - max x) / Σ exp(x - max x) along `axis`;   dL/dx = y ⊙ (g - Σ g ⊙ y)."""
+
+    def __init__(self, axis):
+        self.axis = axis
+
+    def forward(self, x):
+        e = get_array_module(x).exp(x - x.max(axis=self.axis, keepdims=True))
+        y = e / e.sum(axis=self.axis, keepdims=True)
+        self.save(y)
+        return y
+
+    def backward(self, g):
+        (y,) = self.saved
+        return y * (g - (g * y).sum(axis=self.axis, keepdims=True))
+
+
+class LogSoftmax(Function):
+    """y = x - logsumexp(x) along `axis`;   dL/dx = g - softmax(x) ⊙ Σ g."""
+
+    def __init__(self, axis):
+        self.axis = axis
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        shifted = x - x.max(axis=self.axis, keepdims=True)
+        y = shifted - xp.log(xp.exp(shifted).sum(axis=self.axis, keepdims=True))
+        self.save(y)
+        return y
+
+    def backward(self, g):
+        (y,) = self.saved
+        return g - get_array_module(y).exp(y) * g.sum(axis=self.axis, keepdims=True)
+
+
+class CrossEntropy(Function):
+    """Softmax and negative log-likelihood fused, over logits (..., C) with integer targets (...).
+    lossₜ = logsumexp(xₜ) - xₜ[targetₜ];   reduction "mean" averages over targets ≠ ignore_index.
+    dL/dxₜ = g · (softmax(xₜ) - onehot(targetₜ)) (divided by the count for "mean"; 0 for ignored targets).
+    Fusing the two is cheaper and steadier than log_softmax followed by picking: the gradient never forms
+    1/softmax."""
+
+    def __init__(self, targets, ignore_index, reduction):
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        self.targets, self.ignore_index, self.reduction = targets, ignore_index, reduction
+
+    def forward(self, logits):
+        xp = get_array_module(logits)
+        targets, classes = self.targets, logits.shape[-1]
+        if targets.shape != logits.shape[:-1]:
+            raise ShapeError(f"cross_entropy: targets of shape {targets.shape} must match the logits "
+                             f"{logits.shape} without the class axis, i.e. {logits.shape[:-1]}")
+        valid = targets != self.ignore_index
+        safe_targets = xp.where(valid, targets, 0)
+        if targets.size and ((safe_targets < 0) | (safe_targets >= classes)).any():
+            bad = targets[(safe_targets < 0) | (safe_targets >= classes)]
+            raise IndexError(f"cross_entropy: target {int(bad[0])} is outside the {classes} classes [0, {classes}) "
+                             f"and is not ignore_index={self.ignore_index}")
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        exp = xp.exp(shifted)
+        total = exp.sum(axis=-1, keepdims=True)
+        picked = xp.take_along_axis(shifted, safe_targets[..., None], axis=-1)[..., 0]
+        losses = (xp.log(total[..., 0]) - picked) * valid  # (...,)
+        count = xp.maximum(valid.sum(), 1).astype(logits.dtype)  # "mean" divides by it; no targets -> loss 0
+        self.save(exp / total, safe_targets, valid, count)
+        if self.reduction == "none":
+            return losses
+        return losses.sum() / count if self.reduction == "mean" else losses.sum()
+
+    def backward(self, g):
+        probabilities, targets, valid, count = self.saved
+        xp = get_array_module(probabilities)
+        onehot = xp.arange(probabilities.shape[-1]) == targets[..., None]  # (..., C)
+        weight = valid * (g / count if self.reduction == "mean" else g)  # (...,) or broadcasts to it
+        return (probabilities - onehot) * weight[..., None]
+
+    def release(self):
+        super().release()
+        self.targets = None
+
+
+class Embedding(Function):
+    """y = weight[ids] (a row per id);   dL/dweight = zeros with each row of g added at its id."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def forward(self, weight):
+        vocabulary = weight.shape[0]
+        if self.ids.dtype.kind not in "iu":
+            raise TypeError(f"embedding: ids must be integers, got {self.ids.dtype}")
+        if self.ids.size and (int(self.ids.min()) < 0 or int(self.ids.max()) >= vocabulary):
+            raise IndexError(f"embedding: ids range over [{int(self.ids.min())}, {int(self.ids.max())}] but the "
+                             f"table has {vocabulary} rows [0, {vocabulary})")
+        self.save(weight.shape)
+        return weight[self.ids]
+
+    def backward(self, g):
+        (shape,) = self.saved
+        xp = get_array_module(g)
+        gw = xp.zeros(shape, dtype=g.dtype)
+        xp.add.at(gw, self.ids.reshape(-1), g.reshape(-1, shape[-1]))
+        return gw
+
+    def release(self):
+        super().release()
+        self.ids = None
+
+
+class RMSNorm(Function):
+    """y = x / rms(x) ⊙ w over the last axis, rms(x) = √(mean(x²) + eps).
+    With x̂ = x / rms and h = g ⊙ w:   dL/dx = (h - x̂ mean(h ⊙ x̂)) / rms,   dL/dw = Σ_rows g ⊙ x̂."""
+
+    def __init__(self, eps):
+        self.eps = eps
+
+    def forward(self, x, weight):
+        xp = get_array_module(x)
+        inverse_rms = 1 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + self.eps)  # (..., 1)
+        normalized = x * inverse_rms
+        self.save(normalized, inverse_rms, weight)
+        return normalized * weight
+
+    def backward(self, g):
+        normalized, inverse_rms, weight = self.saved
+        h = g * weight
+        gx = (h - normalized * (h * normalized).mean(axis=-1, keepdims=True)) * inverse_rms
+        gw = (g * normalized).reshape(-1, weight.shape[0]).sum(axis=0)
+        return gx, gw
+
+
+class LayerNorm(Function):
+    """y = (x - mean) / √(var + eps) ⊙ w + b over the last axis (population variance).
+    With x̂ the normalised x, σ⁻¹ = 1/√(var + eps), h = g ⊙ w:
+    dL/dx = σ⁻¹ (h - mean(h) - x̂ mean(h ⊙ x̂)),   dL/dw = Σ_rows g ⊙ x̂,   dL/db = Σ_rows g."""
+
+    def __init__(self, eps):
+        self.eps = eps
+
+    def forward(self, x, weight, bias):
+        xp = get_array_module(x)
+        centered = x - x.mean(axis=-1, keepdims=True)
+        inverse_std = 1 / xp.sqrt((centered * centered).mean(axis=-1, keepdims=True) + self.eps)
+        normalized = centered * inverse_std
+        self.save(normalized, inverse_std, weight)
+        return normalized * weight + bias
+
+    def backward(self, g):
+        normalized, inverse_std, weight = self.saved
+        h = g * weight
+        gx = inverse_std * (h - h.mean(axis=-1, keepdims=True)
+                            - normalized * (h * normalized).mean(axis=-1, keepdims=True))
+        rows = g.reshape(-1, weight.shape[0])
+        return gx, (rows * normalized.reshape(rows.shape)).sum(axis=0), rows.sum(axis=0)
+
+
+class Dropout(Function):
+    """y = x ⊙ m / (1 - p), m ~ Bernoulli(1 - p) per element;   dL/dx = g ⊙ m / (1 - p)."""
+
+    def __init__(self, scaled_mask):
+        self.scaled_mask = scaled_mask
+
+    def forward(self, x):
+        return x * self.scaled_mask
+
+    def backward(self, g):
+        return g * self.scaled_mask
+
+    def release(self):
+        super().release()
+        self.scaled_mask = None
+
+
+def softmax(x, axis=-1):
+    return Softmax(axis)(x)
+
+
+def log_softmax(x, axis=-1):
+    return LogSoftmax(axis)(x)
+
+
+def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
+    """Cross-entropy of logits (..., C) (class axis LAST, unlike torch's (N, C, ...)) against integer targets
+    (...). reduction: "mean" over non-ignored targets (0 if there are none, where torch gives NaN),
+    "sum", or "none" (per-target losses, 0 at ignored positions)."""
+    targets = _raw(targets)
+    if not hasattr(targets, "dtype"):
+        targets = get_array_module(logits.data).asarray(targets)
+    return CrossEntropy(targets, ignore_index, reduction)(logits)
+
+
+def embedding(ids, weight):
+    """Rows of `weight` (V, C) picked by integer ids (...) -> (..., C)."""
+    ids = _raw(ids)
+    if not hasattr(ids, "dtype"):
+        ids = get_array_module(weight.data).asarray(ids)
+    return Embedding(ids)(weight)
+
+
+def rms_norm(x, weight, eps=1e-6):
+    """Root-mean-square normalisation over the last axis, scaled by `weight` (C,)."""
+    if weight.shape != x.shape[-1:]:
+        raise ShapeError(f"rms_norm: weight {weight.shape} must match the last axis of the input {x.shape}")
+    return RMSNorm(eps)(x, weight)
+
+
+def layer_norm(x, weight, bias, eps=1e-5):
+    """Layer normalisation over the last axis with scale `weight` (C,) and shift `bias` (C,)."""
+    if weight.shape != x.shape[-1:] or bias.shape != x.shape[-1:]:
+        raise ShapeError(f"layer_norm: weight {weight.shape} and bias {bias.shape} must match the last axis of "
+                         f"the input {x.shape}")
+    return LayerNorm(eps)(x, weight, bias)
+
+
+def dropout(x, p=0.5, training=True, generator=None):
+    """Zero each element with probability p and scale the rest by 1/(1-p), in training; the identity in eval.
+    The mask comes from `generator` (default: the backend's seeded generator, see minimoe.manual_seed)."""
+    if not 0 <= p <= 1:
+        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
+    if not training or p == 0:
+        return x
+    generator = generator or device_rng(backend_of(x.data))
+    keep = generator.random(x.shape, dtype=x.dtype) >= p
+    return Dropout(keep.astype(x.dtype) * (0.0 if p == 1 else 1 / (1 - p)))(x)
+
+
+# ==============================================================================================================
+# comparisons (not differentiable) and the Tensor's operators
+# ==============================================================================================================
+
+def _comparison(op):
+    def compare(a, b):
+        b = _raw(b)
+        return Tensor(op(a.data, b))
+
+    return compare
+
+
+def _install_tensor_methods():
+    """Give Tensor its operators and methods. They live here, beside the ops, so that autograd.py stays the
+    engine alone."""
+    import operator
+
+    swap = lambda f: lambda a, b: f(b, a)  # noqa: E731  (reflected operators: 2 - x is sub(2, x))
+    methods = {
+        "__add__": add, "__radd__": swap(add), "__sub__": sub, "__rsub__": swap(sub),
+        "__mul__": mul, "__rmul__": swap(mul), "__truediv__": div, "__rtruediv__": swap(div),
+        "__neg__": neg, "__pow__": pow, "__rpow__": swap(pow), "__matmul__": matmul, "__rmatmul__": swap(matmul),
+        "__getitem__": getitem,
+        "__lt__": _comparison(operator.lt), "__le__": _comparison(operator.le),
+        "__gt__": _comparison(operator.gt), "__ge__": _comparison(operator.ge),
+        "__eq__": _comparison(operator.eq), "__ne__": _comparison(operator.ne),
+        "__and__": _comparison(operator.and_), "__or__": _comparison(operator.or_),
+        "__invert__": lambda a: Tensor(~a.data),
+        "sum": sum, "mean": mean, "max": max, "var": var, "logsumexp": logsumexp,
+        "exp": exp, "log": log, "sqrt": sqrt, "tanh": tanh, "sigmoid": sigmoid, "relu": relu,
+        "softmax": softmax, "log_softmax": log_softmax, "masked_fill": masked_fill, "clip": clip,
+        "reshape": reshape, "permute": permute, "transpose": transpose, "broadcast_to": broadcast_to,
+        "astype": cast,
+        "unsqueeze": lambda x, axis: reshape(x, _unsqueezed_shape(x.shape, axis)),
+        "squeeze": lambda x, axis: reshape(x, x.shape[:axis % x.ndim] + x.shape[axis % x.ndim + 1:]),
+        "flatten": lambda x: reshape(x, (-1,)),
+    }
+    for name, method in methods.items():
+        setattr(Tensor, name, method)
+
+
+def _unsqueezed_shape(shape, axis):
+    axis = axis % (len(shape) + 1)
+    return shape[:axis] + (1,) + shape[axis:]
+
+
+_install_tensor_methods()

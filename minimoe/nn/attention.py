@@ -1,0 +1,3 @@
+"""Attention layers (see issue: model)."""
+
+__all__ = []

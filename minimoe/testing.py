@@ -1,0 +1,53 @@
+"""Checks shared by the tests and the lessons: each prints a one-line comparison and raises when it fails.
+
+    check_close(mine, reference, name="softmax")   # softmax: max |diff| 2.2e-16 (atol 1e-10, rtol 1e-10)  ok
+    check_shape(x, (B, T, C), name="logits")
+"""
+
+from .autograd import Tensor
+from .backend import backend_of, numpy
+
+__all__ = ["check_close", "check_shape", "to_numpy"]
+
+
+def to_numpy(value):
+    """A host NumPy array from a Tensor, a backend array, a torch tensor or anything array-like."""
+    if isinstance(value, Tensor):
+        return value.numpy()
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, without importing torch
+        return value.detach().cpu().numpy()
+    try:
+        return backend_of(value).to_numpy(value)
+    except TypeError:
+        return numpy.asarray(value)
+
+
+def check_close(actual, expected, atol=1e-10, rtol=1e-10, name="value", quiet=False):
+    """Assert that two arrays (or tensors) have the same shape and agree elementwise within
+    |actual - expected| ≤ atol + rtol·|expected|. Prints one line; raises AssertionError otherwise."""
+    a, e = to_numpy(actual), to_numpy(expected)
+    if a.shape != e.shape:
+        raise AssertionError(f"{name}: shape {a.shape} differs from the expected {e.shape}")
+    if a.size == 0:
+        return
+    a64, e64 = a.astype(numpy.float64), e.astype(numpy.float64)
+    difference = numpy.abs(a64 - e64)
+    both_nan = numpy.isnan(a64) & numpy.isnan(e64)
+    excess = numpy.where(both_nan, 0.0, difference - (atol + rtol * numpy.abs(e64)))
+    worst = float(numpy.nanmax(numpy.where(both_nan, 0.0, difference)))
+    ok = bool(numpy.all(excess <= 0))
+    if not quiet or not ok:
+        print(f"{name}: max |diff| {worst:.3g} (atol {atol:g}, rtol {rtol:g})  {'ok' if ok else 'MISMATCH'}")
+    if not ok:
+        at = numpy.unravel_index(numpy.nanargmax(numpy.nan_to_num(excess, nan=numpy.inf)), excess.shape)
+        raise AssertionError(f"{name}: mismatch at index {tuple(int(i) for i in at)}: got {a64[at]!r}, "
+                             f"expected {e64[at]!r} (max |diff| {worst:.3g})")
+
+
+def check_shape(value, shape, name="value"):
+    """Assert that `value` has exactly `shape`. Prints one line; raises AssertionError otherwise."""
+    actual = tuple(value.shape)
+    ok = actual == tuple(shape)
+    print(f"{name}: shape {actual}  {'ok' if ok else f'MISMATCH, expected {tuple(shape)}'}")
+    if not ok:
+        raise AssertionError(f"{name}: shape {actual}, expected {tuple(shape)}")
