@@ -24,6 +24,7 @@ __all__ = [
     "reshape", "transpose", "permute", "broadcast_to", "getitem", "take_along_axis", "gather", "index_add",
     "concatenate", "stack", "split", "where", "masked_fill", "topk",
     "softmax", "log_softmax", "cross_entropy", "embedding", "rms_norm", "layer_norm", "dropout",
+    "scaled_dot_product_attention",
 ]
 
 
@@ -440,8 +441,9 @@ class Linear(Function):
         g2 = g.reshape(-1, g.shape[-1])  # (rows, out)
         gx = g @ weight if self.needs_grad[0] else None  # (..., in)
         gw = g2.T @ x.reshape(-1, x.shape[-1]) if self.needs_grad[1] else None  # (out, in)
-        gb = g2.sum(axis=0) if len(self.needs_grad) > 2 and self.needs_grad[2] else None  # (out,)
-        return gx, gw, gb
+        if len(self.needs_grad) == 2:  # called without a bias
+            return gx, gw
+        return gx, gw, (g2.sum(axis=0) if self.needs_grad[2] else None)  # (out,)
 
 
 def matmul(a, b):
@@ -1087,6 +1089,60 @@ def dropout(x, p=0.5, training=True, generator=None):
     generator = generator or device_rng(backend_of(x.data))
     keep = generator.random(x.shape, dtype=x.dtype) >= p
     return Dropout(keep.astype(x.dtype) * (0.0 if p == 1 else 1 / (1 - p)))(x)
+
+
+class ScaledDotProductAttention(Function):
+    """Attention as one op:   y = softmax(q kᵀ · scale + mask) v   over the last two axes.
+    q (..., Tq, D), k (..., Tk, D), v (..., Tk, Dv) -> y (..., Tq, Dv). The leading axes broadcast, so keys that
+    every head shares can come with a head axis of 1.
+    Causal mask: query i sits at position start_pos + i and sees keys 0..start_pos + i (keys are positions
+    0..Tk-1; with a key/value cache the first start_pos of them are the past). Hidden scores become -inf: weight 0.
+    With S = q kᵀ · scale, P = softmax(S) and g = dL/dy:
+        dL/dv = Pᵀ g,   dP = g vᵀ,   dS = P ⊙ (dP - rowsum(dP ⊙ P)),
+        dL/dq = dS k · scale,   dL/dk = dSᵀ q · scale.
+    Hidden entries have P = 0, so they pass no gradient. Fused, the op keeps its inputs and P for backward (not the
+    scores, the masked scores and the exponentials), and attention's whole backward fits on one screen."""
+
+    def __init__(self, causal, scale, start_pos):
+        self.causal, self.scale, self.start_pos = causal, scale, start_pos
+
+    def forward(self, q, k, v):
+        if builtins.min(q.ndim, k.ndim, v.ndim) < 2 or q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+            raise ShapeError(f"scaled_dot_product_attention: q (..., Tq, D) {q.shape}, k (..., Tk, D) {k.shape} and "
+                             f"v (..., Tk, Dv) {v.shape} must agree on D and on Tk")
+        queries, keys = q.shape[-2], k.shape[-2]
+        if self.causal and self.start_pos + queries > keys:
+            raise ShapeError(f"scaled_dot_product_attention: causal queries at positions {self.start_pos}.."
+                             f"{self.start_pos + queries - 1} (start_pos={self.start_pos}) need keys for positions "
+                             f"0..{self.start_pos + queries - 1}, but there are {keys} keys")
+        xp = get_array_module(q)
+        scale = 1 / math.sqrt(q.shape[-1]) if self.scale is None else self.scale
+        scores = (q @ k.swapaxes(-1, -2)) * scale  # (..., Tq, Tk)
+        if self.causal:
+            visible = xp.arange(keys) <= xp.arange(self.start_pos, self.start_pos + queries)[:, None]  # (Tq, Tk)
+            scores = xp.where(visible, scores, -xp.inf)
+        e = xp.exp(scores - scores.max(axis=-1, keepdims=True))
+        p = e / e.sum(axis=-1, keepdims=True)  # (..., Tq, Tk)
+        self.save(q, k, v, p, scale)
+        return p @ v
+
+    def backward(self, g):
+        q, k, v, p, scale = self.saved
+        gv = p.swapaxes(-1, -2) @ g if self.needs_grad[2] else None  # (..., Tk, Dv)
+        dp = g @ v.swapaxes(-1, -2)  # (..., Tq, Tk)
+        ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) * scale  # softmax's backward, times the scale
+        gq = ds @ k if self.needs_grad[0] else None  # (..., Tq, D)
+        gk = ds.swapaxes(-1, -2) @ q if self.needs_grad[1] else None  # (..., Tk, D)
+        return gq, gk, gv
+
+
+def scaled_dot_product_attention(q, k, v, causal=True, scale=None, start_pos=0):
+    """softmax(q kᵀ · scale) v with a causal mask: q (..., Tq, D), k (..., Tk, D), v (..., Tk, Dv) -> (..., Tq, Dv).
+    scale defaults to 1/√D. Query i is at position start_pos + i and sees keys 0..start_pos + i: start_pos=0 for a
+    whole sequence, start_pos = the number of cached positions when k and v hold the cache's past plus the new
+    tokens (then Tk = start_pos + Tq). Unlike torch's is_causal, which aligns the mask top-left, this supports
+    more keys than queries."""
+    return ScaledDotProductAttention(causal, scale, start_pos)(q, k, v)
 
 
 # ==============================================================================================================

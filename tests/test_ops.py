@@ -131,6 +131,19 @@ CASES = [
      [(2, 3, 4), (4,)]),
     ("layer_norm", lambda x, w, b: F.layer_norm(x, w, b), lambda x, w, b: TF.layer_norm(x, (4,), w, b),
      [(2, 3, 4), (4,), (4,)]),
+    # attention: causal; more keys than queries (cached decoding: query i at start_pos + i sees keys 0..start_pos + i);
+    # keys shared by every head (a head axis of 1, as MLA's absorbed latent); no mask with a given scale
+    ("sdpa_causal", F.scaled_dot_product_attention, lambda q, k, v: TF.scaled_dot_product_attention(q, k, v,
+     is_causal=True), [(1, 2, 4, 3), (1, 2, 4, 3), (1, 2, 4, 2)]),
+    ("sdpa_cached_keys", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, start_pos=3),
+     lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(2, 5, dtype=torch.bool).tril(3)),
+     [(2, 2, 3), (2, 5, 3), (2, 5, 2)]),
+    ("sdpa_keys_shared_by_heads", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, start_pos=2, scale=0.3),
+     lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, scale=0.3,
+                                                     attn_mask=torch.ones(2, 4, dtype=torch.bool).tril(2)),
+     [(2, 3, 2, 3), (2, 1, 4, 3), (2, 1, 4, 2)]),
+    ("sdpa_not_causal", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, causal=False, scale=0.7),
+     lambda q, k, v: TF.scaled_dot_product_attention(q, k, v, scale=0.7), [(2, 3, 4), (2, 5, 4), (2, 5, 3)]),
 ]
 
 
