@@ -13,7 +13,7 @@ The ops themselves live in `minimoe.functional`, which also attaches the operato
 to Tensor. This file is the whole engine.
 """
 
-import contextlib
+import functools
 
 from . import backend
 
@@ -37,7 +37,7 @@ def is_grad_enabled():
     return _grad_enabled
 
 
-class _GradMode(contextlib.ContextDecorator):
+class _GradMode:
     enabled = None
 
     def __enter__(self):
@@ -47,6 +47,16 @@ class _GradMode(contextlib.ContextDecorator):
     def __exit__(self, *exc):
         global _grad_enabled
         _grad_enabled = self.previous
+
+    def __call__(self, function):
+        """As a decorator: every call runs in a block of its own, so a decorated function that calls itself
+        restores the right mode on the way out."""
+        @functools.wraps(function)
+        def in_mode(*args, **kwargs):
+            with type(self)():
+                return function(*args, **kwargs)
+
+        return in_mode
 
 
 class no_grad(_GradMode):
@@ -90,8 +100,9 @@ class Function:
         forward(self, *arrays)  -> output array       (call self.save(...) for what backward needs)
         backward(self, grad)    -> one gradient per input (or None where an input needs none)
 
-    and is used as `Exp()(x)`; op parameters (an axis, a shape) go to `__init__`. Backward may return a
-    gradient in the *broadcast* shape of the output: the engine sums it down to each input's shape.
+    and is used as `Exp()(x)`; op parameters (an axis, a shape) go to `__init__`. A Function object is one
+    node of the graph, so each call makes a new one. Backward may return a gradient in the *broadcast* shape
+    of the output: the engine sums it down to each input's shape.
     """
 
     __slots__ = ("inputs", "saved", "needs_grad")
@@ -105,6 +116,10 @@ class Function:
         return type(self).__name__.lower()
 
     def __call__(self, *inputs):
+        if getattr(self, "needs_grad", None) is not None:
+            raise RuntimeError(f"{self.name}: this {type(self).__name__} object is already a node of a graph. A "
+                               f"Function object records one call: make a new one per call, "
+                               f"{type(self).__name__}(...)(x)")
         reference = next((x for x in inputs if isinstance(x, Tensor)), None)
         if reference is None:
             raise TypeError(f"{self.name}: needs at least one Tensor input")
@@ -152,12 +167,27 @@ def _constant_like(value, reference):
 
 
 def _as_array_like(value, array_type, op_name):
-    """NumPy reductions return scalars, not arrays: make them 0-d arrays. Anything else is a host array that
-    leaked into a device op, which is a bug in that op."""
+    """NumPy returns scalars, not arrays, from reductions and 0-d arithmetic: make them 0-d arrays. Anything
+    else is a host array that leaked into a device op, which is a bug in that op."""
     if array_type is backend.NumpyBackend.array_type:
         return backend.numpy.asarray(value)
     raise TypeError(f"{op_name}: produced a {type(value).__name__} from {array_type.__name__} inputs; "
                     "an op must compute with its inputs' array module (get_array_module)")
+
+
+def _input_grad(function, x, grad):
+    """The gradient `function.backward` returned for its input x: checked, then summed down to x's shape."""
+    if type(grad) is not type(x.data):
+        grad = _as_array_like(grad, type(x.data), f"{function.name}.backward")
+    if not _broadcasts_to(x.shape, grad.shape):
+        raise ShapeError(f"{function.name}.backward: returned a gradient of shape {grad.shape} for an input of "
+                         f"shape {x.shape}; it must have the input's shape or the output's broadcast shape")
+    return sum_to(grad, x.shape)
+
+
+def _broadcasts_to(shape, target):
+    """Whether an array of `shape` broadcasts to `target` (NumPy's rule: compare sizes from the right)."""
+    return len(shape) <= len(target) and all(n in (1, m) for n, m in zip(shape[::-1], target[::-1]))
 
 
 def sum_to(grad, shape):
@@ -230,6 +260,19 @@ class Tensor:
     def __len__(self):
         return len(self.data)
 
+    def __bool__(self):
+        """`if loss < 0.5:` asks for a host value; only a one-element tensor has a single truth value."""
+        if self.size != 1:
+            raise ValueError(f"the truth value of a tensor of shape {self.shape} is ambiguous: compare a "
+                             "one-element tensor (e.g. x.max() > 0), or reduce x.data with .any()/.all()")
+        return bool(self.data)
+
+    def __array__(self, dtype=None, copy=None):
+        """numpy.asarray(tensor) (plotting, printing) works on NumPy; device tensors refuse, as CuPy arrays
+        do: copy them with .numpy()."""
+        array = backend.numpy.asarray(self.data, dtype=dtype)
+        return array.copy() if copy else array
+
     def __repr__(self):
         where = "" if self.backend.name == "numpy" else f", backend={self.backend.name!r}"
         grad = ", requires_grad=True" if self.requires_grad else ""
@@ -292,7 +335,12 @@ class Tensor:
                                    f"one has shape {self.shape}. Pass backward(grad) with a gradient of that shape.")
             grad = xp.ones_like(self.data)
         else:
-            grad = grad.data if isinstance(grad, Tensor) else xp.asarray(grad, dtype=self.dtype)
+            if isinstance(grad, Tensor):
+                if grad.backend is not self.backend:
+                    raise TypeError(f"backward: the gradient lives on {grad.backend.name}, this tensor on "
+                                    f"{self.backend.name}; move it with .to({self.backend.name!r}) first")
+                grad = grad.data
+            grad = xp.asarray(grad, dtype=self.dtype)
             if grad.shape != self.shape:
                 raise ShapeError(f"backward: gradient of shape {grad.shape} for a tensor of shape {self.shape}")
 
@@ -306,10 +354,13 @@ class Tensor:
                 input_grads = function.backward(output_grad)
                 if not isinstance(input_grads, tuple):
                     input_grads = (input_grads,)
+                if len(input_grads) != len(function.inputs):
+                    raise TypeError(f"{function.name}.backward returned {len(input_grads)} gradients for "
+                                    f"{len(function.inputs)} inputs; return one per input (None for no gradient)")
                 for x, x_grad in zip(function.inputs, input_grads):
                     if x_grad is None or not x.requires_grad:
                         continue
-                    x_grad = sum_to(x_grad, x.shape)
+                    x_grad = _input_grad(function, x, x_grad)
                     if x.creator is None:
                         _accumulate(x, x_grad)
                     elif x.creator in grads:
@@ -368,7 +419,7 @@ def _to_backend_array(data, dtype):
 
 
 def tensor(data, requires_grad=False, dtype=None):
-    """A new leaf tensor on the current backend from a list, number or array."""
+    """A new leaf tensor on the current backend from a list, number or array (always a copy of `data`)."""
     return Tensor(_to_backend_array(data, dtype), requires_grad=requires_grad)
 
 

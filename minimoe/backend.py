@@ -40,8 +40,10 @@ class Backend:
     xp = array_type = None
 
     def asarray(self, data, dtype=None):
-        """Copy host data (NumPy arrays, lists, scalars) onto this backend. The one door from host to device."""
-        return self.xp.asarray(data, dtype=dtype)
+        """Copy host data (NumPy arrays, lists, scalars) onto this backend. The one door from host to device.
+        Always a copy, as a transfer to a GPU is: the result never shares memory with `data`, so an optimizer
+        updating it in place cannot change the caller's array."""
+        return self.xp.array(data, dtype=dtype)
 
     def to_numpy(self, array):
         """Copy an array of this backend into a host NumPy array. The one door from device to host."""
@@ -235,8 +237,9 @@ class _FakeGpuModule:
             return attribute  # dtypes (float32, finfo), constants (pi, inf, newaxis)
         if name in self._TRANSFERS:
             def transfer(data, *args, **kwargs):
-                raw = data._array if type(data) is FakeGpuArray else data
-                return FakeGpuArray(attribute(raw, *args, **kwargs))
+                if type(data) is FakeGpuArray:
+                    return FakeGpuArray(attribute(data._array, *args, **kwargs))
+                return FakeGpuArray(numpy.array(data, *args, **kwargs))  # host -> device is a copy, as in CuPy
             return transfer
         return _FakeGpuFunction(attribute, f"{name}()")
 
@@ -264,7 +267,8 @@ _current = None
 
 def _backend(name):
     if name not in _BACKEND_CLASSES:
-        raise ValueError(f"unknown backend {name!r}: choose one of {sorted(_BACKEND_CLASSES)}")
+        raise ValueError(f"unknown backend {name!r}: choose one of {sorted(_BACKEND_CLASSES)} "
+                         "(or 'cpu' for numpy, 'gpu' for cupy)")
     if name not in _backends:
         backend = _BACKEND_CLASSES[name]()
         _backends[name] = backend
@@ -295,9 +299,10 @@ def get_backend():
 
 
 def set_backend(name):
-    """Make `name` ("numpy", "cupy" or "fakegpu") the backend for new tensors; returns the previous one."""
+    """Make `name` ("numpy", "cupy" or "fakegpu"; or "cpu", "gpu") the backend for new tensors; returns the
+    previous one. Tensors that already exist stay where they are."""
     global _current
-    previous, _current = _current, _backend(name)
+    previous, _current = _current, backend_named(name)
     return previous
 
 
@@ -318,7 +323,8 @@ def backend_of(array):
     except KeyError:
         if isinstance(array, numpy.generic):
             return _backend_by_array_type[numpy.ndarray]
-        raise TypeError(f"{type(array).__name__} is not an array of any minimoe backend") from None
+        raise TypeError(f"{type(array).__name__} is not an array of any minimoe backend "
+                        "(for a Tensor, pass its array: tensor.data)") from None
 
 
 def get_array_module(array):
@@ -373,4 +379,13 @@ def set_random_state(state):
     device_rng(_backend("numpy")).bit_generator.state = state["numpy"]
 
 
-set_backend(os.environ.get("MINIMOE_BACKEND", "numpy"))
+def _set_backend_from_environment():
+    """MINIMOE_BACKEND chooses the backend at import; a bad value fails the import, naming the variable."""
+    name = os.environ.get("MINIMOE_BACKEND") or "numpy"
+    try:
+        set_backend(name)
+    except (ValueError, BackendUnavailableError) as error:
+        raise type(error)(f"environment variable MINIMOE_BACKEND={name!r}: {error}") from None
+
+
+_set_backend_from_environment()

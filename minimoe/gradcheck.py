@@ -21,20 +21,23 @@ def numerical_grad(fn, inputs, index, upstream, eps=1e-6):
     """Central-difference gradient of Σ fn(*inputs) ⊙ upstream with respect to inputs[index], element by element
     (a test tool: 2 forward passes per element)."""
     x = inputs[index]
-    host = x.numpy().astype(numpy.float64).copy()
+    original_data = x.data
+    host = x.numpy().astype(numpy.float64)  # a copy: x's own array is never changed
     grad = numpy.zeros_like(host)
     to_backend = backend_of(x.data)
-    with no_grad():
-        for i in numpy.ndindex(*host.shape):
-            original = host[i]
-            values = []
-            for delta in (eps, -eps):
-                host[i] = original + delta
-                x.data = to_backend.asarray(host, dtype=x.dtype)
-                values.append((fn(*inputs) * upstream).sum().item())
-            host[i] = original
-            grad[i] = (values[0] - values[1]) / (2 * eps)
-        x.data = to_backend.asarray(host, dtype=x.dtype)
+    try:
+        with no_grad():
+            for i in numpy.ndindex(*host.shape):
+                original = host[i]
+                values = []
+                for delta in (eps, -eps):
+                    host[i] = original + delta
+                    x.data = to_backend.asarray(host, dtype=x.dtype)
+                    values.append((fn(*inputs) * upstream).sum().item())
+                host[i] = original
+                grad[i] = (values[0] - values[1]) / (2 * eps)
+    finally:
+        x.data = original_data
     return grad
 
 
@@ -59,7 +62,7 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, seed=0):
         numerical = numerical_grad(fn, inputs, i, upstream, eps)
         error = numpy.abs(analytic - numerical) - (atol + rtol * numpy.abs(numerical))
         if (error > 0).any():
-            worst = numpy.unravel_index(numpy.argmax(error), error.shape)
+            worst = tuple(int(i) for i in numpy.unravel_index(numpy.argmax(error), error.shape))
             raise GradcheckError(f"gradcheck: input {i} (shape {x.shape}): at {worst} backward gives "
                                  f"{analytic[worst]:.10g}, finite differences {numerical[worst]:.10g} "
                                  f"(max |difference| {numpy.abs(analytic - numerical).max():.3g})")

@@ -1,14 +1,16 @@
 """Optimizers, gradient clipping and a learning-rate schedule, matching torch.optim step for step.
 
 An optimizer holds a list of parameters (leaf tensors with requires_grad) and updates their `.data` in place
-from their `.grad`. Its state (momentum buffers, Adam moments, the step count) is saved with `state_dict()`
-so a checkpointed run resumes exactly.
+from their `.grad`. A parameter whose `.grad` is None (an expert no token was routed to) is skipped, buffers
+and step count included, as in torch. The state (momentum buffers, Adam moments, step counts) is saved with
+`state_dict()` so a checkpointed run resumes exactly.
 """
 
+import copy
 import math
 
 from .autograd import Tensor, no_grad
-from .backend import get_array_module
+from .backend import backend_of, get_array_module
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "clip_grad_norm_", "warmup_cosine", "WarmupCosine"]
 
@@ -17,17 +19,22 @@ class Optimizer:
     """Base class: `zero_grad()`, `step()`, `state_dict()`, `load_state_dict()`."""
 
     def __init__(self, params, lr):
-        self.params = [p for p in params]
+        self.params = list(params)
         if not self.params:
             raise ValueError(f"{type(self).__name__}: got an empty list of parameters")
+        first_position = {}
         for i, p in enumerate(self.params):
             if not isinstance(p, Tensor) or not p.requires_grad:
                 raise TypeError(f"{type(self).__name__}: parameter {i} is not a tensor with requires_grad=True")
+            if id(p) in first_position:
+                raise ValueError(f"{type(self).__name__}: parameter {i} is parameter {first_position[id(p)]} "
+                                 "again, so it would be updated twice per step; pass each parameter once")
+            first_position[id(p)] = i
         if lr < 0:
             raise ValueError(f"{type(self).__name__}: learning rate must be ≥ 0, got {lr}")
         self.lr = lr
         self.step_count = 0
-        self.state = [{} for _ in self.params]  # per parameter: name -> array
+        self.state = [{} for _ in self.params]  # per parameter: buffer name -> array ("step" -> int)
 
     def zero_grad(self):
         """Forget the gradients (set them to None; the next backward writes fresh ones)."""
@@ -36,6 +43,7 @@ class Optimizer:
 
     @no_grad()
     def step(self):
+        """Update every parameter that has a gradient."""
         self.step_count += 1
         for p, state in zip(self.params, self.state):
             if p.grad is not None:
@@ -46,22 +54,25 @@ class Optimizer:
         raise NotImplementedError
 
     def state_dict(self):
-        """Step count, learning rate and every buffer, as {"step": int, "lr": float, "state": [{name: array}]}."""
-        return {"step": self.step_count, "lr": self.lr, "state": [dict(s) for s in self.state]}
+        """A snapshot that later steps do not change: {"step": int, "lr": float, "state": [{name: array}]}, one
+        dict of buffers per parameter (Adam's also holds that parameter's own "step", an int)."""
+        return {"step": self.step_count, "lr": self.lr, "state": copy.deepcopy(self.state)}
 
     def load_state_dict(self, state_dict):
+        """Restore a `state_dict()` (its arrays may be host NumPy arrays, e.g. read from a checkpoint). The
+        optimizer keeps copies, on its parameters' backend. Every shape is checked before anything changes."""
         if len(state_dict["state"]) != len(self.params):
             raise ValueError(f"{type(self).__name__}.load_state_dict: the saved state has "
                              f"{len(state_dict['state'])} parameters, this optimizer {len(self.params)}")
         for i, (p, saved) in enumerate(zip(self.params, state_dict["state"])):
             for name, value in saved.items():
-                if value.shape != p.shape:
+                if name != "step" and tuple(value.shape) != p.shape:
                     raise ValueError(f"{type(self).__name__}.load_state_dict: buffer {name!r} of parameter {i} "
-                                     f"has shape {value.shape}, the parameter {p.shape}")
+                                     f"has shape {tuple(value.shape)}, the parameter {p.shape}")
         self.step_count, self.lr = int(state_dict["step"]), float(state_dict["lr"])
-        xp = [get_array_module(p.data) for p in self.params]
-        self.state = [{name: xp[i].asarray(value, dtype=self.params[i].dtype) for name, value in saved.items()}
-                      for i, saved in enumerate(state_dict["state"])]
+        self.state = [{name: int(value) if name == "step" else backend_of(p.data).asarray(value, dtype=p.dtype)
+                       for name, value in saved.items()}
+                      for p, saved in zip(self.params, state_dict["state"])]
 
 
 class SGD(Optimizer):
@@ -87,7 +98,8 @@ class SGD(Optimizer):
 
 class Adam(Optimizer):
     """Adam (Kingma & Ba) with L2 weight decay added to the gradient (torch.optim.Adam):
-    m ← β₁m + (1-β₁)g;   v ← β₂v + (1-β₂)g²;   θ ← θ - lr · (m / (1-β₁ᵗ)) / (√(v / (1-β₂ᵗ)) + ε)."""
+    m ← β₁m + (1-β₁)g;   v ← β₂v + (1-β₂)g²;   θ ← θ - lr · (m / (1-β₁ᵗ)) / (√(v / (1-β₂ᵗ)) + ε),
+    t counting the steps in which this parameter had a gradient."""
 
     decoupled = False
 
@@ -104,15 +116,16 @@ class Adam(Optimizer):
             else:
                 grad = grad + self.weight_decay * param
         if "m" not in state:
-            state["m"], state["v"] = xp.zeros_like(param), xp.zeros_like(param)
-        m, v = state["m"], state["v"]
+            state["step"], state["m"], state["v"] = 0, xp.zeros_like(param), xp.zeros_like(param)
+        state["step"] += 1
+        t, m, v = state["step"], state["m"], state["v"]
         m *= self.beta1
         m += (1 - self.beta1) * grad
         v *= self.beta2
         v += (1 - self.beta2) * grad * grad
-        bias_correction1 = 1 - self.beta1 ** self.step_count
-        bias_correction2 = 1 - self.beta2 ** self.step_count
-        denominator = xp.sqrt(v) * (1 / math.sqrt(bias_correction2)) + self.eps
+        bias_correction1 = 1 - self.beta1 ** t
+        bias_correction2 = 1 - self.beta2 ** t
+        denominator = xp.sqrt(v) / math.sqrt(bias_correction2) + self.eps
         param -= (self.lr / bias_correction1) * m / denominator
 
 
@@ -131,6 +144,7 @@ def clip_grad_norm_(params, max_norm):
     """Scale all gradients together so their global L2 norm is at most `max_norm` (torch's rule: multiply by
     min(1, max_norm / (norm + 1e-6))). Returns the norm before clipping as a 0-d tensor; it stays on the
     device, so logging it is the caller's choice."""
+    params = [params] if isinstance(params, Tensor) else params
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         raise ValueError("clip_grad_norm_: no parameter has a gradient; call backward() first")

@@ -12,7 +12,7 @@ def _skip_reason(name):
     try:
         _backend(name)
     except BackendUnavailableError as error:
-        return f"backend {name!r} unavailable here: {error}"
+        return f"backend {name!r} unavailable here: {str(error).split('. ')[0]}"
     return None
 
 

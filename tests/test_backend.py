@@ -1,0 +1,253 @@
+"""Backends: choosing one, moving tensors between them explicitly, and fakegpu refusing exactly what CuPy
+refuses, so that a host array hidden in an op fails here on the CPU instead of on a student's GPU."""
+
+import os
+import subprocess
+import sys
+
+import numpy
+import pytest
+
+import minimoe
+import minimoe.functional as F
+import minimoe.backend as backend_module
+from minimoe import BackendUnavailableError, Function
+from minimoe.backend import FakeGpuArray, backend_named, get_array_module
+from minimoe.testing import to_numpy
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAKE = backend_named("fakegpu")
+
+
+def fake_array(values):
+    return FAKE.asarray(numpy.asarray(values, dtype=numpy.float64))
+
+
+@pytest.fixture(autouse=True)
+def _start_on_numpy():
+    """These tests move between backends themselves: each starts on NumPy, whatever MINIMOE_BACKEND says
+    (the `backend` fixture, where a test asks for it, then switches)."""
+    with minimoe.use_backend("numpy"):
+        yield
+
+
+# --------------------------------------------------------------------------------------------------------------
+# choosing a backend
+# --------------------------------------------------------------------------------------------------------------
+
+def test_set_get_and_use_backend():
+    assert minimoe.get_backend().name == "numpy"
+    previous = minimoe.set_backend("fakegpu")
+    try:
+        assert previous.name == "numpy" and minimoe.get_backend().name == "fakegpu"
+        assert type(minimoe.tensor([1.0]).data) is FakeGpuArray
+    finally:
+        minimoe.set_backend(previous.name)
+    with pytest.raises(KeyError):
+        with minimoe.use_backend("fakegpu") as chosen:
+            assert chosen is minimoe.get_backend() and chosen.name == "fakegpu"
+            assert minimoe.zeros(2).backend is chosen and minimoe.randn(2).device == "gpu"
+            raise KeyError("the previous backend comes back even after an error")
+    assert minimoe.get_backend().name == "numpy"
+    assert type(minimoe.tensor([1.0]).data) is numpy.ndarray
+
+
+def test_device_names_are_accepted_as_backend_names():
+    with minimoe.use_backend("cpu") as chosen:
+        assert chosen.name == "numpy"
+    assert backend_named("cpu").name == "numpy"
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match=r"unknown backend 'tpu': choose one of \['cupy', 'fakegpu', 'numpy'\]"):
+        minimoe.set_backend("tpu")
+    assert minimoe.get_backend().name == "numpy"
+
+
+def _cupy_usable():
+    try:
+        import cupy
+    except ImportError:
+        return False
+    return bool(cupy.is_available())
+
+
+@pytest.mark.skipif(_cupy_usable(), reason="CuPy has a GPU here, so set_backend('cupy') succeeds")
+def test_cupy_without_a_gpu_says_why_and_what_to_do():
+    with pytest.raises(BackendUnavailableError) as raised:
+        minimoe.set_backend("cupy")
+    message = str(raised.value)
+    try:
+        import cupy  # noqa: F401
+        assert "found no usable NVIDIA GPU" in message and "'numpy' backend" in message and "'fakegpu'" in message
+    except ImportError:
+        assert "not installed" in message and "pip install cupy-cuda12x" in message
+    assert minimoe.get_backend().name == "numpy"
+    assert "cupy" not in minimoe.available_backends()
+
+
+def test_cupy_not_installed_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` now raises ImportError
+    monkeypatch.delitem(backend_module._backends, "cupy", raising=False)
+    with pytest.raises(BackendUnavailableError, match=r"needs CuPy, which is not installed.*pip install cupy-cuda12x"):
+        minimoe.set_backend("cupy")
+    with pytest.raises(BackendUnavailableError, match="not installed"):
+        minimoe.tensor([1.0]).to("gpu")
+    assert minimoe.get_backend().name == "numpy"
+
+
+def _backend_in_a_fresh_python(value):
+    environment = {key: v for key, v in os.environ.items() if key != "MINIMOE_BACKEND"}
+    if value is not None:
+        environment["MINIMOE_BACKEND"] = value
+    return subprocess.run([sys.executable, "-c", "import minimoe; print(minimoe.get_backend().name)"],
+                          cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=120)
+
+
+def test_environment_variable_chooses_the_backend():
+    for value, expected in [(None, "numpy"), ("fakegpu", "fakegpu"), ("numpy", "numpy")]:
+        result = _backend_in_a_fresh_python(value)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == expected
+    result = _backend_in_a_fresh_python("tpu")
+    assert result.returncode != 0
+    assert "MINIMOE_BACKEND='tpu': unknown backend 'tpu'" in result.stderr
+
+
+def test_get_array_module():
+    assert get_array_module(numpy.ones(2)) is numpy
+    assert get_array_module(numpy.float64(1.0)) is numpy  # NumPy reductions return scalars
+    assert get_array_module(fake_array([1.0])) is FAKE.xp
+    with pytest.raises(TypeError, match=r"Tensor is not an array of any minimoe backend.*tensor\.data"):
+        get_array_module(minimoe.tensor([1.0]))
+    with pytest.raises(TypeError, match="list is not an array"):
+        get_array_module([1.0])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# explicit transfers
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("values, dtype", [([[1.5, -2.25], [3.0, 0.1]], "float64"), ([1.5, -2.0], "float32"),
+                                           ([[1, -2, 3]], "int64"), ([True, False], "bool")])
+def test_transfers_round_trip_values_and_dtypes(backend, values, dtype):
+    x = minimoe.tensor(values, dtype=dtype)
+    on_fakegpu = x.to("fakegpu")
+    on_cpu = on_fakegpu.to("cpu")
+    for moved, where in [(on_fakegpu, "fakegpu"), (on_cpu, "numpy"), (on_fakegpu.to_cpu(), "numpy")]:
+        assert moved.backend.name == where
+        assert moved.dtype == numpy.dtype(dtype) and moved.shape == x.shape
+        numpy.testing.assert_array_equal(moved.numpy(), numpy.asarray(values, dtype=dtype))
+    assert x.to(x.backend.name) is x
+
+
+def test_transfers_copy_and_make_a_new_leaf():
+    x = minimoe.tensor([1.0, 2.0], dtype="float64", requires_grad=True)
+    y = (x * 2.0).to("fakegpu")
+    assert y.is_leaf and y.requires_grad and y.backend.name == "fakegpu"
+    moved = x.to("fakegpu")
+    moved.data += 1.0  # an in-place update (an optimizer step) on one side leaves the other alone
+    assert x.data.tolist() == [1.0, 2.0]
+    back = moved.to("cpu")
+    back.data += 1.0
+    assert moved.numpy().tolist() == [2.0, 3.0]
+
+
+def test_tensor_copies_host_data():
+    host = numpy.array([1.0, 2.0])
+    x = minimoe.tensor(host, requires_grad=True)
+    x.data -= 0.5  # as an optimizer would
+    assert host.tolist() == [1.0, 2.0]
+    host[0] = 10.0
+    assert x.data.tolist() == [0.5, 1.5]
+
+
+def test_numpy_asarray_of_a_tensor():
+    x = minimoe.tensor([[1.0, 2.0]], dtype="float64")
+    numpy.testing.assert_array_equal(numpy.asarray(x), [[1.0, 2.0]])
+    assert numpy.asarray(minimoe.tensor(0.5)).shape == ()
+    rows = [minimoe.tensor([0.5]), minimoe.tensor([0.25])]
+    assert numpy.asarray(rows, dtype=numpy.float64).tolist() == [[0.5], [0.25]]
+    with pytest.raises(TypeError, match="implicit conversion of a device array"):
+        numpy.asarray(x.to("fakegpu"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# fakegpu refuses what CuPy refuses
+# --------------------------------------------------------------------------------------------------------------
+
+def test_fakegpu_refuses_implicit_host_conversion():
+    device = fake_array([1.0, 2.0])
+    with pytest.raises(TypeError, match=r"implicit conversion of a device array.*tensor\.numpy\(\)"):
+        numpy.asarray(device)
+    with pytest.raises(TypeError, match="implicit conversion"):
+        numpy.array(device)
+    assert device.get().tolist() == [1.0, 2.0]  # the explicit way
+    assert type(device.get()) is numpy.ndarray
+
+
+def test_fakegpu_refuses_to_mix_host_and_device_arrays():
+    device, host = fake_array([1.0, 2.0]), numpy.array([3.0, 4.0])
+    for mix in (lambda: device + host, lambda: host * device, lambda: FAKE.xp.exp(host),
+                lambda: FAKE.xp.concatenate([device, host]), lambda: FAKE.xp.maximum(device, host)):
+        with pytest.raises(TypeError, match="mixes a host NumPy array with device arrays"):
+            mix()
+    assert type(device + 1.0) is FakeGpuArray and type(FAKE.xp.exp(device)) is FakeGpuArray
+    assert type(numpy.exp(device)) is FakeGpuArray  # NumPy's own functions dispatch to the device, as with CuPy
+    assert type(device.sum()) is FakeGpuArray  # reductions give 0-d device arrays, not host scalars
+
+
+def test_fakegpu_transfers_are_copies():
+    host = numpy.array([1.0, 2.0])
+    for transfer in (FAKE.xp.asarray, FAKE.xp.array, FAKE.asarray):
+        device = transfer(host)
+        device += 1.0
+        assert host.tolist() == [1.0, 2.0]
+
+
+class _HostOnes(Function):
+    """A deliberately wrong op: it makes a host array with `numpy` next to its (maybe device) input."""
+
+    def forward(self, x):
+        return numpy.ones(x.shape) * x
+
+    def backward(self, g):
+        return g
+
+
+class _HostGradient(Function):
+    """A deliberately wrong op: its backward returns a host array."""
+
+    def forward(self, x):
+        self.save(x.shape)
+        return x * 1.0
+
+    def backward(self, g):
+        (shape,) = self.saved
+        return numpy.ones(shape)
+
+
+def test_a_host_array_inside_an_op_fails_on_fakegpu_only():
+    values = [1.0, -2.0]
+    with minimoe.use_backend("numpy"):
+        x = minimoe.tensor(values, dtype="float64", requires_grad=True)
+        assert _HostOnes()(x).tolist() == values  # NumPy does not notice the bug
+        _HostGradient()(x).sum().backward()
+        assert x.grad.tolist() == [1.0, 1.0]
+    with minimoe.use_backend("fakegpu"):
+        x = minimoe.tensor(values, dtype="float64", requires_grad=True)
+        with pytest.raises(TypeError, match=r"^_hostones: fakegpu: numpy.multiply mixes a host NumPy array"):
+            _HostOnes()(x)
+        with pytest.raises(TypeError, match=r"_hostgradient.backward: produced a ndarray from FakeGpuArray inputs"):
+            _HostGradient()(x).sum().backward()
+
+
+def test_library_ops_run_on_fakegpu(backend):
+    """A smoke test across the functional API: nothing in it creates a host array."""
+    x = minimoe.randn(2, 3, 4, dtype="float64", requires_grad=True)
+    w = minimoe.randn(5, 4, dtype="float64", requires_grad=True)
+    logits = F.linear(F.rms_norm(x, minimoe.ones(4, dtype="float64")), w)
+    loss = F.cross_entropy(logits, [[1, 2, 3], [0, 4, -100]]) + F.softmax(logits).max()
+    loss.backward()
+    assert type(x.grad) is backend.array_type and type(w.grad) is backend.array_type
+    assert numpy.isfinite(to_numpy(w.grad)).all()
