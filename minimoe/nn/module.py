@@ -123,7 +123,7 @@ class Module:
         for name, value in state.items():
             target = backend_of(own[name])
             host = value if type(value) is target.array_type else _host(value)
-            array = target.asarray(host, dtype=own[name].dtype)
+            array = target.xp.array(host, dtype=own[name].dtype)  # a copy: never share memory with `state`
             if name in parameters:
                 parameters[name].data = array
             else:

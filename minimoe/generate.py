@@ -1,0 +1,114 @@
+"""Sampling text from the model: batched, with temperature, top-k and top-p, and a key/value cache.
+
+Generation is a loop over positions, not over sequences: every step feeds the newest token of all B sequences
+at once. With the cache each step costs one token's worth of compute — the prefix's keys and values are kept,
+never recomputed. A sequence that has emitted EOS keeps stepping along with the others, but its later tokens
+are replaced by PAD and not counted.
+"""
+
+from dataclasses import dataclass
+
+from .autograd import Tensor, no_grad
+from .backend import backend_of, device_rng, get_array_module
+
+__all__ = ["Generation", "generate", "sample_next", "filter_logits"]
+
+
+@dataclass
+class Generation:
+    """What `generate` returns (all backend arrays).
+
+    tokens    -- (B, P + N) prompt followed by the generated tokens, PAD after each sequence's EOS
+    responses -- (B, N) the generated part alone
+    lengths   -- (B,) generated tokens up to and including EOS (N for sequences that never stopped)
+    finished  -- (B,) True where the sequence emitted EOS
+    """
+
+    tokens: object
+    responses: object
+    lengths: object
+    finished: object
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """Keep the top_k largest logits and/or the smallest set of tokens whose probability reaches top_p
+    (nucleus); everything else becomes -inf. logits: (B, V)."""
+    xp = get_array_module(logits)
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be ≥ 1, got {top_k}")
+        if top_k < logits.shape[-1]:
+            kth_largest = xp.partition(logits, -top_k, axis=-1)[:, -top_k:].min(axis=-1, keepdims=True)
+            logits = xp.where(logits < kth_largest, -xp.inf, logits)
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        probabilities = _softmax(logits)
+        descending = -xp.sort(-probabilities, axis=-1)  # (B, V), largest first
+        mass_before = xp.cumsum(descending, axis=-1) - descending
+        keep_count = (mass_before < top_p).sum(axis=-1, keepdims=True)  # ≥ 1: the top token always stays
+        smallest_kept = xp.take_along_axis(descending, keep_count - 1, axis=-1)
+        logits = xp.where(probabilities < smallest_kept, -xp.inf, logits)
+    return logits
+
+
+def _softmax(logits):
+    xp = get_array_module(logits)
+    e = xp.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
+    """One token id per row of logits (B, V): argmax when greedy, else a draw from softmax(logits / T)
+    restricted by top_k / top_p (inverse-CDF sampling with one uniform number per row)."""
+    xp = get_array_module(logits)
+    if greedy:
+        return logits.argmax(axis=-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
+    probabilities = _softmax(filter_logits(logits / temperature, top_k, top_p))
+    cdf = xp.cumsum(probabilities, axis=-1)  # (B, V)
+    generator = generator or device_rng(backend_of(logits))
+    u = generator.random((logits.shape[0], 1), dtype=cdf.dtype) * cdf[:, -1:]
+    return xp.minimum((cdf < u).sum(axis=-1), logits.shape[-1] - 1)
+
+
+@no_grad()
+def generate(model, prompt_ids, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=None, top_p=None,
+             greedy=False, use_cache=True, generator=None):
+    """Continue each prompt of `prompt_ids` (B, P) — integer backend array, all prompts the same length — by up
+    to `max_new_tokens` tokens. Runs in eval mode (no dropout, deterministic routing) and restores the mode.
+
+    Stopping early when every sequence has finished costs one boolean read from the device per step."""
+    prompt_ids = prompt_ids.data if isinstance(prompt_ids, Tensor) else prompt_ids
+    xp = get_array_module(prompt_ids)
+    batch, prompt_length = prompt_ids.shape
+    total = prompt_length + max_new_tokens
+    if total > model.config.max_seq_len:
+        raise ValueError(f"generate: prompt of {prompt_length} tokens + {max_new_tokens} new tokens exceeds the "
+                         f"model's max_seq_len={model.config.max_seq_len}")
+    was_training = model.training
+    model.eval()
+    tokens = xp.full((batch, total), pad_id, dtype=prompt_ids.dtype)
+    tokens[:, :prompt_length] = prompt_ids
+    finished = xp.zeros(batch, dtype=bool)
+    lengths = xp.full(batch, max_new_tokens, dtype=prompt_ids.dtype)
+    caches = model.new_caches(batch, total) if use_cache else None
+    logits = model(prompt_ids, start_pos=0, caches=caches).data[:, -1]  # (B, V) prefill
+    position = prompt_length
+    for step in range(max_new_tokens):
+        next_ids = sample_next(logits, temperature, top_k, top_p, greedy, generator)
+        next_ids = xp.where(finished, pad_id, next_ids)
+        tokens[:, position] = next_ids
+        just_finished = (next_ids == eos_id) & ~finished
+        lengths = xp.where(just_finished, step + 1, lengths)
+        finished = finished | just_finished
+        position += 1
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        if use_cache:
+            logits = model(tokens[:, position - 1:position], start_pos=position - 1, caches=caches).data[:, -1]
+        else:
+            logits = model(tokens[:, :position]).data[:, -1]
+    model.train(was_training)
+    return Generation(tokens, tokens[:, prompt_length:], lengths, finished)
