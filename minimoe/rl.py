@@ -1,0 +1,324 @@
+"""Group Relative Policy Optimization (GRPO): reinforcement learning from rule-based rewards, as in
+DeepSeekMath and DeepSeek-R1-Zero — no value network, no learned reward model.
+
+For each prompt q the current policy samples a *group* of G responses o_1..o_G and a rule scores each one
+(r_i). The group is its own baseline: a response is reinforced by how much better it did than its siblings,
+
+    A_i = (r_i - mean(r)) / (std(r) + eps)                       the same advantage for every token of o_i
+
+and the policy is pushed along A_i with PPO's clipped surrogate against the policy that sampled (π_old),
+optionally held near a frozen reference policy (π_ref) by a per-token KL penalty:
+
+    ρ_t   = π_θ(o_t | q, o_<t) / π_old(o_t | q, o_<t)
+    ℓ_t   = min(ρ_t A, clip(ρ_t, 1 - ε, 1 + ε_high) A) - β · KL_t,   KL_t = π_ref/π_θ - log(π_ref/π_θ) - 1 ≥ 0
+    loss  = - aggregate(ℓ_t over response tokens)
+
+The aggregation is where the variants differ:
+    "grpo"     mean over each response's tokens, then mean over responses (DeepSeekMath)
+    "dapo"     sum over all tokens / number of tokens (token-level: long responses count per token)
+    "dr_grpo"  sum over all tokens / (responses · max_new_tokens), a constant denominator (Dr. GRPO; use it
+               with scale_rewards="none": dividing by std is the other bias Dr. GRPO removes)
+    "reinforce" plain REINFORCE with the group mean as baseline: -(r_i - mean r) · Σ_t log π_θ(o_t), mean over
+               responses; no ratio, no clipping.
+
+With one gradient step per batch (μ = 1), π_old = π_θ, so ρ = 1 exactly and the loss value is ~0 — but its
+gradient is not: ∇ρ = ρ ∇log π_θ. Groups whose rewards are all equal have A = 0 and teach nothing.
+"""
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from . import functional as F
+from .autograd import no_grad
+from .backend import backend_of, get_array_module, get_backend, numpy
+from .checkpoint import load_checkpoint, save_checkpoint
+from .evaluate import sample_responses, score_responses
+from .optim import AdamW, WarmupCosine
+from .tasks import Tokenizer
+from .train import TrainingDiverged, optimizer_step
+
+__all__ = ["GRPOConfig", "train_grpo", "group_advantages", "token_logprobs", "policy_loss", "policy_entropy",
+           "LOSS_TYPES", "SCALE_REWARDS"]
+
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "reinforce")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def group_advantages(rewards, scale="group", eps=1e-4):
+    """Advantages (P, G) from rewards (P, G) of P prompts × G responses: reward minus its group's mean,
+    divided by the group's standard deviation ("group"), by the whole batch's ("batch"), or not at all
+    ("none"). Standard deviations are Bessel-corrected (divide by n - 1), as TRL and torch.std do."""
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"group_advantages: scale must be one of {SCALE_REWARDS}, got {scale!r}")
+    if rewards.ndim != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"group_advantages: rewards must be (prompts, group) with a group of at least 2, "
+                         f"got shape {tuple(rewards.shape)}")
+    centered = rewards - rewards.mean(axis=1, keepdims=True)
+    if scale == "group":
+        return centered / (rewards.std(axis=1, ddof=1, keepdims=True) + eps)
+    if scale == "batch":
+        return centered / (rewards.std(ddof=1) + eps)
+    return centered
+
+
+def token_logprobs(model, tokens, temperature=1.0):
+    """log π(token t+1 | tokens ≤ t) for every position, (B, L-1), from one forward pass over tokens (B, L), and
+    the logits (B, L-1, V) as an array (for the entropy log). The logits are divided by the sampling temperature
+    first, so these are the probabilities the sampler used. Differentiable (under no_grad for π_old / π_ref);
+    a response mask picks out the positions that matter."""
+    logits = model(tokens[:, :-1])  # (B, L-1, V): position t predicts token t + 1
+    if temperature != 1.0:
+        logits = logits * (1.0 / temperature)
+    return -F.cross_entropy(logits, tokens[:, 1:], reduction="none"), logits.data  # (B, L-1)
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, loss_type="grpo", epsilon=0.2, epsilon_high=None,
+                beta=0.0, ref_logprobs=None, max_new_tokens=None):
+    """The GRPO objective (or a variant, see the module docstring) as a loss to minimise.
+
+    logprobs      -- Tensor (B, N): log π_θ of the response tokens (with gradient)
+    old_logprobs  -- array (B, N): log π_old, the sampling policy (no gradient)
+    advantages    -- array (B,): one advantage per response
+    mask          -- array (B, N) bool: response tokens up to and including EOS
+    ref_logprobs  -- array (B, N): log π_ref, needed when beta > 0
+    Returns (loss, stats) with stats of 0-d arrays: "kl" (mean per token), "clip_low", "clip_high" (share of
+    tokens whose ratio was clipped below / above)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"policy_loss: loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if logprobs.shape != mask.shape or old_logprobs.shape != mask.shape or advantages.shape != mask.shape[:1]:
+        raise ValueError(f"policy_loss: logprobs {logprobs.shape}, old_logprobs {old_logprobs.shape} and mask "
+                         f"{mask.shape} must be (B, N) and advantages {advantages.shape} (B,)")
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("policy_loss: beta > 0 needs ref_logprobs (the frozen reference policy's log-probs)")
+    xp = get_array_module(mask)
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    weights = mask.astype(logprobs.dtype)  # (B, N)
+    A = advantages[:, None].astype(logprobs.dtype)  # (B, 1)
+    token_count = xp.maximum(weights.sum(), 1)
+    stats = {}
+
+    if loss_type == "reinforce":
+        per_token = -(logprobs * A)
+    else:
+        ratio = F.exp(logprobs - old_logprobs)  # (B, N), exactly 1 when μ = 1
+        clipped = F.clip(ratio, 1 - epsilon, 1 + epsilon_high)
+        per_token = -F.minimum(ratio * A, clipped * A)
+        with no_grad():
+            r = ratio.data
+            stats["clip_low"] = (((r < 1 - epsilon) & (A < 0)) * weights).sum() / token_count
+            stats["clip_high"] = (((r > 1 + epsilon_high) & (A > 0)) * weights).sum() / token_count
+    if ref_logprobs is not None:
+        log_ratio = ref_logprobs - logprobs  # log(π_ref / π_θ)
+        kl = F.exp(log_ratio) - log_ratio - 1  # (B, N), ≥ 0
+        stats["kl"] = (kl.data * weights).sum() / token_count
+        if beta > 0:
+            per_token = per_token + beta * kl
+
+    masked = per_token * weights
+    if loss_type in ("grpo", "reinforce"):
+        per_response = masked.sum(axis=1)
+        if loss_type == "grpo":
+            per_response = per_response / xp.maximum(weights.sum(axis=1), 1)
+        loss = per_response.mean()
+    elif loss_type == "dapo":
+        loss = masked.sum() / token_count
+    else:
+        if max_new_tokens is None:
+            raise ValueError("policy_loss: loss_type 'dr_grpo' needs max_new_tokens (its constant denominator)")
+        loss = masked.sum() * (1.0 / (mask.shape[0] * max_new_tokens))
+    return loss, stats
+
+
+def policy_entropy(logits, mask):
+    """Mean entropy -Σ p log p of the policy over masked response positions (for logging; no gradient).
+    logits: array (B, N, V); mask: (B, N)."""
+    xp = get_array_module(logits)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_p = shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
+    entropy = -(xp.exp(log_p) * log_p).sum(axis=-1)  # (B, N)
+    return (entropy * mask).sum() / xp.maximum(mask.sum(), 1)
+
+
+
+# ==============================================================================================================
+# the training loop
+# ==============================================================================================================
+
+@dataclass
+class GRPOConfig:
+    """GRPO settings; the defaults are the demo's (16 prompts × 8 responses per step, ~0.3 s a step on 2 cores).
+
+    The learning rate decays along a cosine: late in training almost every group scores the same, and a constant
+    rate lets a few noisy updates knock a good policy off its peak."""
+
+    steps: int = 100
+    prompts_per_step: int = 16
+    group_size: int = 8
+    lr: float = 2e-4
+    min_lr: float = 2e-5
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    temperature: float = 1.0
+    max_new_tokens: int = 40
+    loss_type: str = "grpo"
+    scale_rewards: str = "group"
+    epsilon: float = 0.2
+    epsilon_high: float = None  # None: the same as epsilon
+    beta: float = 0.0  # weight of the KL penalty to the reference policy (R1-Zero used ~0.001)
+    mu: int = 1  # gradient steps per sampled batch
+    accuracy_weight: float = 1.0
+    format_weight: float = 0.1
+    log_kl: bool = True  # measure the KL to the reference even when beta = 0 (one extra forward pass a step)
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self):
+        problems = []
+        if self.loss_type not in LOSS_TYPES:
+            problems.append(f"loss_type={self.loss_type!r} must be one of {LOSS_TYPES}")
+        if self.scale_rewards not in SCALE_REWARDS:
+            problems.append(f"scale_rewards={self.scale_rewards!r} must be one of {SCALE_REWARDS}")
+        if self.group_size < 2:
+            problems.append(f"group_size={self.group_size} must be ≥ 2: the group is its own baseline")
+        if self.mu < 1:
+            problems.append(f"mu={self.mu} must be ≥ 1")
+        if self.beta < 0 or self.epsilon < 0:
+            problems.append(f"beta={self.beta} and epsilon={self.epsilon} must be ≥ 0")
+        if problems:
+            raise ValueError("GRPOConfig: " + "; ".join(problems))
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def _frozen_copy(model):
+    """A copy of the model's current weights that never trains: the reference policy π_ref."""
+    from .model import Transformer
+
+    reference = Transformer(model.config)
+    reference.load_state_dict(model.state_dict())  # copies: the arrays are the model's, load_state_dict copies them
+    return reference.eval()
+
+
+def _routing_record(model):
+    """Per MoE layer: the share of routed tokens each expert received, and the router entropy (host values,
+    copied once per step for the log)."""
+    loads, entropies = [], []
+    for moe in model.moe_layers():
+        counts = moe.stats["tokens_per_expert"]
+        backend = backend_of(counts)
+        counts = backend.to_numpy(counts).astype(float)
+        loads.append((counts / max(counts.sum(), 1)).tolist())
+        entropies.append(float(backend.to_numpy(moe.stats["router_entropy"])))
+    return loads, entropies
+
+
+def train_grpo(model, task, config=None, tokenizer=None, out_dir=None, resume_from=None, progress=True,
+               on_step=None):
+    """Improve `model` on `task` with GRPO (or a variant: config.loss_type). Returns the history:
+    {"steps": [one record per step: rewards, accuracy, lengths, thinking share, KL, clipping, entropy, grad norm,
+    expert load, router entropy], "seconds": wall time}.
+
+    RL runs the model in eval mode throughout — no dropout, no noisy routing, no token dropping — so the policy
+    that samples is exactly the policy being trained; gradients flow in eval mode all the same. The MoE routing
+    bias (auxiliary-loss-free balancing) is updated once after each step, never within one."""
+    config = config or GRPOConfig()
+    tokenizer = tokenizer or Tokenizer()
+    backend = get_backend()
+    optimizer = AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = WarmupCosine(optimizer, config.warmup_steps, config.steps * config.mu, min_lr=config.min_lr)
+    data_rng = numpy.random.default_rng(config.seed)
+    history = {"steps": [], "seconds": 0.0}
+    start_step = 0
+    reference_path = os.path.join(out_dir, "rl_reference") if out_dir else None
+    if resume_from is not None:
+        _, state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        if state.get("config") != config.to_dict():
+            raise ValueError(f"train_grpo: cannot resume from {resume_from!r}: it was saved with a different "
+                             f"GRPOConfig ({state.get('config')} vs {config.to_dict()})")
+        start_step, history = state["step"], state["history"]
+        data_rng.bit_generator.state = state["data_rng"]
+        reference = load_checkpoint(state["reference"], restore_random_state=False)[0] \
+            if (config.beta > 0 or config.log_kl) else None
+    else:
+        reference = _frozen_copy(model) if (config.beta > 0 or config.log_kl) else None
+        if reference is not None and reference_path:
+            save_checkpoint(reference_path, reference)
+    if reference is not None:
+        reference.eval()
+    checkpoint = os.path.join(out_dir, "rl_last") if out_dir else None
+
+    model.eval()
+    started = time.perf_counter() - history["seconds"]
+    bar = tqdm(range(start_step, config.steps), desc="grpo", disable=not progress, initial=start_step,
+               total=config.steps)
+    for step in bar:
+        problems = task.sample(data_rng, config.prompts_per_step, split="train")
+        responses = sample_responses(model, problems, tokenizer, config.group_size, config.max_new_tokens,
+                                     temperature=config.temperature)
+        scores = score_responses(task, responses, config.accuracy_weight, config.format_weight)
+        rewards = scores["reward"].reshape(config.prompts_per_step, config.group_size)
+        advantages = group_advantages(backend.asarray(rewards), config.scale_rewards).reshape(-1)  # (B,)
+
+        width = int((responses.tokens != tokenizer.pad_id).sum(axis=1).max())  # drop columns that are all PAD
+        tokens, mask = responses.tokens[:, :width], responses.response_mask[:, :width - 1]
+        with no_grad():
+            old_logprobs = token_logprobs(model, tokens, config.temperature)[0].data if config.mu > 1 else None
+            ref_logprobs = token_logprobs(reference, tokens, config.temperature)[0].data \
+                if reference is not None else None
+        for _ in range(config.mu):
+            logprobs, logits = token_logprobs(model, tokens, config.temperature)
+            old = old_logprobs if old_logprobs is not None else logprobs.data.copy()  # μ = 1: ratio exactly 1
+            loss, loss_stats = policy_loss(logprobs, old, advantages, mask, config.loss_type, config.epsilon,
+                                           config.epsilon_high, config.beta, ref_logprobs, config.max_new_tokens)
+            balance = model.balance_loss()
+            if balance is not None:
+                loss = loss + balance
+            lr = optimizer.lr
+            grad_norm = optimizer_step(model, optimizer, scheduler, loss, config.grad_clip)
+        model.update_routing_bias()
+
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            where = f"the last good checkpoint is {checkpoint}" if checkpoint and os.path.exists(checkpoint + ".json") \
+                else "no checkpoint was written yet"
+            raise TrainingDiverged(f"train_grpo: the loss became {loss_value} at step {step + 1}; stopping "
+                                   f"({where}). Try a lower learning rate.")
+        correct = scores["accuracy"] > 0
+        loads, router_entropy = _routing_record(model)
+        record = {
+            "step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
+            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+            "accuracy": float(scores["accuracy"].mean()), "format_rate": float(scores["format"].mean()),
+            "all_equal_share": float((rewards.std(axis=1) == 0).mean()),
+            "mean_length": float(responses.lengths.mean()),
+            "length_correct": float(responses.lengths[correct].mean()) if correct.any() else None,
+            "length_wrong": float(responses.lengths[~correct].mean()) if (~correct).any() else None,
+            "truncated_share": float(scores["truncated"].mean()),
+            "thinking_share": float(scores["thinks"].mean()),
+            "kl": float(loss_stats["kl"]) if "kl" in loss_stats else None,
+            "clip_low": float(loss_stats["clip_low"]) if "clip_low" in loss_stats else None,
+            "clip_high": float(loss_stats["clip_high"]) if "clip_high" in loss_stats else None,
+            "entropy": float(policy_entropy(logits, mask)),
+            "expert_load": loads, "router_entropy": router_entropy,
+        }
+        history["steps"].append(record)
+        bar.set_postfix(reward=f"{record['reward_mean']:.2f}", acc=f"{record['accuracy']:.2f}",
+                        think=f"{record['thinking_share']:.2f}")
+        if on_step:
+            on_step(step + 1, record)
+        history["seconds"] = time.perf_counter() - started
+        if checkpoint and config.checkpoint_every and ((step + 1) % config.checkpoint_every == 0
+                                                       or step + 1 == config.steps):
+            save_checkpoint(checkpoint, model, optimizer, scheduler,
+                            {"step": step + 1, "history": history, "config": config.to_dict(),
+                             "data_rng": data_rng.bit_generator.state, "reference": reference_path})
+    bar.close()
+    history["seconds"] = time.perf_counter() - started
+    return history
