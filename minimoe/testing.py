@@ -2,12 +2,20 @@
 
     check_close(mine, reference, name="softmax")   # softmax: max |diff| 2.2e-16 (atol 1e-10, rtol 1e-10)  ok
     check_shape(x, (B, T, C), name="logits")
+
+    with exercise("one_hot"):                      # a lesson's exercise: the checks of a student's answer
+        check_close(one_hot(ids, 5), expected)
 """
+
+import contextlib
+import os
 
 from .autograd import Tensor
 from .backend import backend_of, numpy
 
-__all__ = ["check_close", "check_shape", "to_numpy"]
+__all__ = ["check_close", "check_shape", "to_numpy", "exercise", "ExerciseNotDone", "STRICT_ENV"]
+
+STRICT_ENV = "MINIMOE_LESSON_STRICT"
 
 
 def to_numpy(value):
@@ -40,8 +48,8 @@ def check_close(actual, expected, atol=1e-10, rtol=1e-10, name="value", quiet=Fa
         print(f"{name}: max |diff| {worst:.3g} (atol {atol:g}, rtol {rtol:g})  {'ok' if ok else 'MISMATCH'}")
     if not ok:
         at = numpy.unravel_index(numpy.nanargmax(numpy.nan_to_num(excess, nan=numpy.inf)), excess.shape)
-        raise AssertionError(f"{name}: mismatch at index {tuple(int(i) for i in at)}: got {a64[at]!r}, "
-                             f"expected {e64[at]!r} (max |diff| {worst:.3g})")
+        raise AssertionError(f"{name}: mismatch at index {tuple(int(i) for i in at)}: got {float(a64[at])!r}, "
+                             f"expected {float(e64[at])!r} (max |diff| {worst:.3g})")
 
 
 def check_shape(value, shape, name="value"):
@@ -51,3 +59,27 @@ def check_shape(value, shape, name="value"):
     print(f"{name}: shape {actual}  {'ok' if ok else f'MISMATCH, expected {tuple(shape)}'}")
     if not ok:
         raise AssertionError(f"{name}: shape {actual}, expected {tuple(shape)}")
+
+
+class ExerciseNotDone(AssertionError):
+    """Strict mode met an exercise whose stub is still unfilled (it raised NotImplementedError)."""
+
+
+@contextlib.contextmanager
+def exercise(name):
+    """Run the checks of one lesson exercise inside `with exercise(name): ...`.
+
+    The stub a student fills in raises NotImplementedError until it is written. While it does, this prints
+    "<name>: not done yet" and lets the notebook run on. A wrong answer fails its check and raises, as it should.
+    With the environment variable MINIMOE_LESSON_STRICT=1 (the tests set it when they run the solutions) an
+    unfilled stub raises ExerciseNotDone instead. When every check passes it prints "<name>: passed".
+    """
+    try:
+        yield
+    except NotImplementedError as error:
+        if os.environ.get(STRICT_ENV) == "1":
+            raise ExerciseNotDone(f"exercise {name!r} is not done: its code raised NotImplementedError "
+                                  f"({error}), but {STRICT_ENV}=1 requires every exercise to pass") from error
+        print(f"{name}: not done yet. Fill in the stub above, run it, then run this cell again.")
+        return
+    print(f"{name}: passed")
