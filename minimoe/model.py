@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from . import functional as F
 from .autograd import Tensor
+from .backend import backend_of
 from .nn import MHA, MLA, MLP, Dropout, Embedding, Linear, Module, ModuleList, MoE, RMSNorm
 
 __all__ = ["ModelConfig", "Block", "Transformer"]
@@ -201,6 +202,19 @@ class Transformer(Module):
         even load (a no-op where bias_update_speed is 0)."""
         for moe in self.moe_layers():
             moe.update_bias()
+
+    def routing_summary(self):
+        """Host values for logs and plots, from the last forward: per MoE layer, the share of routed tokens each
+        expert received, and the router entropy. (This copies a few numbers per layer to the host: call it
+        when you want them, not inside a step.)"""
+        loads, entropies = [], []
+        for moe in self.moe_layers():
+            counts = moe.stats["tokens_per_expert"]
+            backend = backend_of(counts)
+            counts = backend.to_numpy(counts).astype(float)
+            loads.append((counts / max(counts.sum(), 1.0)).tolist())
+            entropies.append(float(backend.to_numpy(moe.stats["router_entropy"])))
+        return {"expert_load": loads, "router_entropy": entropies}
 
     def parameter_counts(self):
         """{"total": all parameters, "activated": those one token passes through (routed experts it is not

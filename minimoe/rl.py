@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from . import functional as F
 from .autograd import no_grad
-from .backend import backend_of, get_array_module, get_backend, numpy
+from .backend import get_array_module, get_backend, numpy
 from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluate import sample_responses, score_responses
 from .optim import AdamW, WarmupCosine
@@ -206,19 +206,6 @@ def _frozen_copy(model):
     return reference.eval()
 
 
-def _routing_record(model):
-    """Per MoE layer: the share of routed tokens each expert received, and the router entropy (host values,
-    copied once per step for the log)."""
-    loads, entropies = [], []
-    for moe in model.moe_layers():
-        counts = moe.stats["tokens_per_expert"]
-        backend = backend_of(counts)
-        counts = backend.to_numpy(counts).astype(float)
-        loads.append((counts / max(counts.sum(), 1)).tolist())
-        entropies.append(float(backend.to_numpy(moe.stats["router_entropy"])))
-    return loads, entropies
-
-
 def train_grpo(model, task, config=None, tokenizer=None, out_dir=None, resume_from=None, progress=True,
                on_step=None):
     """Improve `model` on `task` with GRPO (or a variant: config.loss_type). Returns the history:
@@ -291,7 +278,6 @@ def train_grpo(model, task, config=None, tokenizer=None, out_dir=None, resume_fr
             raise TrainingDiverged(f"train_grpo: the loss became {loss_value} at step {step + 1}; stopping "
                                    f"({where}). Try a lower learning rate.")
         correct = scores["accuracy"] > 0
-        loads, router_entropy = _routing_record(model)
         record = {
             "step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
@@ -306,7 +292,7 @@ def train_grpo(model, task, config=None, tokenizer=None, out_dir=None, resume_fr
             "clip_low": float(loss_stats["clip_low"]) if "clip_low" in loss_stats else None,
             "clip_high": float(loss_stats["clip_high"]) if "clip_high" in loss_stats else None,
             "entropy": float(policy_entropy(logits, mask)),
-            "expert_load": loads, "router_entropy": router_entropy,
+            **model.routing_summary(),
         }
         history["steps"].append(record)
         bar.set_postfix(reward=f"{record['reward_mean']:.2f}", acc=f"{record['accuracy']:.2f}",

@@ -102,8 +102,8 @@ def heldout_loss(model, task, tokenizer, config, seed=12345):
 def pretrain(model, task, config=None, tokenizer=None, out_dir=None, resume_from=None, progress=True,
              on_step=None, on_eval=None):
     """Pretrain `model` on `task`'s mixed corpus. Returns the history:
-    {"step", "loss", "lm_loss", "lr", "grad_norm": per-step lists; "eval": [{"step", "heldout_loss", ...}],
-     "seconds": wall time}.
+    {"step", "loss", "lm_loss", "lr", "grad_norm", "expert_load", "router_entropy": per-step lists;
+     "eval": [{"step", "heldout_loss", ...}], "seconds": wall time}.
 
     out_dir      -- where checkpoints go (`pretrain_last.npz/.json`); None: no checkpoints
     resume_from  -- a checkpoint of an interrupted run with the same config: continue where it stopped
@@ -117,7 +117,8 @@ def pretrain(model, task, config=None, tokenizer=None, out_dir=None, resume_from
                          f"{model.config.vocab_size}")
     optimizer, scheduler = make_optimizer(model, config, config.steps)
     data_rng = numpy.random.default_rng(config.seed)
-    history = {"step": [], "loss": [], "lm_loss": [], "lr": [], "grad_norm": [], "eval": [], "seconds": 0.0}
+    history = {"step": [], "loss": [], "lm_loss": [], "lr": [], "grad_norm": [], "expert_load": [],
+               "router_entropy": [], "eval": [], "seconds": 0.0}
     start_step = 0
     if resume_from is not None:
         _, state = load_checkpoint(resume_from, model, optimizer, scheduler)
@@ -151,7 +152,7 @@ def pretrain(model, task, config=None, tokenizer=None, out_dir=None, resume_from
             raise TrainingDiverged(f"pretrain: the loss became {loss_value} at step {step + 1}; stopping ({where}). "
                                    "Try a lower learning rate or a smaller grad_clip.")
         record = {"step": step + 1, "loss": loss_value, "lm_loss": lm.item(), "lr": lr,
-                  "grad_norm": grad_norm.item()}
+                  "grad_norm": grad_norm.item(), **model.routing_summary()}
         for key, value in record.items():
             history[key].append(value)
         bar.set_postfix(loss=f"{loss_value:.3f}")

@@ -1,0 +1,100 @@
+"""The demo's pictures: the pretraining loss, R1-Zero's curves in miniature, and where the tokens went.
+
+Each function takes a history (as `pretrain` and `train_grpo` return it), draws a matplotlib Figure, saves it
+as PNG when given a path, and returns the Figure (a notebook displays it). The Figure API is used directly, not
+pyplot, so nothing here needs a display.
+"""
+
+from matplotlib.figure import Figure
+
+from .backend import numpy
+
+__all__ = ["plot_pretraining", "plot_rl", "plot_expert_load"]
+
+
+def _finish(figure, path):
+    figure.tight_layout()
+    if path:
+        figure.savefig(path, dpi=110)
+    return figure
+
+
+def plot_pretraining(history, path=None):
+    """Training loss per step (completion tokens), held-out loss at each evaluation, learning rate."""
+    figure = Figure(figsize=(9, 3.6))
+    loss_axes, lr_axes = figure.subplots(1, 2, gridspec_kw={"width_ratios": [2.2, 1]})
+    loss_axes.plot(history["step"], history["lm_loss"], lw=0.8, alpha=0.8, label="training batch")
+    if history["eval"]:
+        loss_axes.plot([e["step"] for e in history["eval"]], [e["heldout_loss"] for e in history["eval"]], "o-",
+                       label="held-out")
+    loss_axes.set(xlabel="step", ylabel="next-token loss (nats)", title="Pretraining", yscale="log")
+    loss_axes.legend()
+    lr_axes.plot(history["step"], history["lr"])
+    lr_axes.set(xlabel="step", title="learning rate")
+    return _finish(figure, path)
+
+
+def _series(steps, key):
+    return numpy.array([numpy.nan if s[key] is None else s[key] for s in steps], dtype=float)
+
+
+def plot_rl(history, path=None):
+    """Per GRPO step: reward and accuracy, response length (correct vs wrong), share of responses that think
+    first, KL to the reference policy, and the share of groups that carry no signal."""
+    steps = history["steps"]
+    x = [s["step"] for s in steps]
+    figure = Figure(figsize=(12, 6.4))
+    axes = figure.subplots(2, 3).ravel()
+    axes[0].plot(x, _series(steps, "reward_mean"), label="reward")
+    axes[0].plot(x, _series(steps, "accuracy"), label="accuracy")
+    axes[0].plot(x, _series(steps, "format_rate"), label="format", alpha=0.7)
+    axes[0].set(title="Reward (sampled, T=1)", ylim=(-0.02, 1.15))
+    axes[1].plot(x, _series(steps, "mean_length"), label="all")
+    axes[1].plot(x, _series(steps, "length_correct"), label="correct", alpha=0.7)
+    axes[1].plot(x, _series(steps, "length_wrong"), label="wrong", alpha=0.7)
+    axes[1].set(title="Response length (tokens)")
+    axes[2].plot(x, _series(steps, "thinking_share"), color="C3")
+    axes[2].set(title="Share of responses that think first", ylim=(-0.02, 1.02))
+    axes[3].plot(x, _series(steps, "kl"), color="C4")
+    axes[3].set(title="KL to the reference policy (per token)")
+    axes[4].plot(x, _series(steps, "all_equal_share"), color="C5", label="groups with equal rewards")
+    axes[4].plot(x, _series(steps, "truncated_share"), color="C6", label="truncated responses")
+    axes[4].set(title="No-signal groups, truncation", ylim=(-0.02, 1.02))
+    axes[5].plot(x, _series(steps, "entropy"), color="C7")
+    axes[5].set(title="Policy entropy (nats per token)")
+    for ax in axes:
+        ax.set_xlabel("GRPO step")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    return _finish(figure, path)
+
+
+def plot_expert_load(phases, path=None):
+    """Heat maps of each MoE layer's load (share of routed tokens per expert) over training.
+    phases: {"pretraining": history, "GRPO": history, ...}, each with per-step "expert_load" lists
+    (pretraining history: history["expert_load"]; GRPO: history["steps"][i]["expert_load"])."""
+    loads = {name: _loads(h) for name, h in phases.items()}
+    loads = {name: l for name, l in loads.items() if l is not None and len(l)}
+    if not loads:
+        return None
+    n_layers = next(iter(loads.values())).shape[1]
+    figure = Figure(figsize=(5 * len(loads), 2.4 * n_layers + 0.6))
+    axes = numpy.array(figure.subplots(n_layers, len(loads), squeeze=False))
+    for column, (name, load) in enumerate(loads.items()):  # load: (steps, layers, experts)
+        n_experts = load.shape[2]
+        for layer in range(n_layers):
+            ax = axes[layer, column]
+            image = ax.imshow(load[:, layer].T, aspect="auto", interpolation="nearest", cmap="viridis",
+                              vmin=0, vmax=max(2.0 / n_experts, float(load.max())))
+            ax.set(title=f"{name}: MoE layer {layer}", xlabel="step", ylabel="expert")
+            figure.colorbar(image, ax=ax, label="share of tokens")
+    return _finish(figure, path)
+
+
+def _loads(history):
+    if "steps" in history:
+        rows = [s["expert_load"] for s in history["steps"]]
+    else:
+        rows = history.get("expert_load", [])
+    rows = [r for r in rows if r]
+    return numpy.array(rows, dtype=float) if rows else None
