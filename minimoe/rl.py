@@ -156,11 +156,11 @@ class GRPOConfig:
     The learning rate decays along a cosine: late in training almost every group scores the same, and a constant
     rate lets a few noisy updates knock a good policy off its peak."""
 
-    steps: int = 100
+    steps: int = 150
     prompts_per_step: int = 16
     group_size: int = 8
-    lr: float = 2e-4
-    min_lr: float = 2e-5
+    lr: float = 1e-3
+    min_lr: float = 1e-4
     warmup_steps: int = 5
     weight_decay: float = 0.0
     grad_clip: float = 1.0
