@@ -26,7 +26,6 @@ gradient is not: ∇ρ = ρ ∇log π_θ. Groups whose rewards are all equal hav
 """
 
 import dataclasses
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluate import sample_responses, score_responses
 from .optim import AdamW, WarmupCosine
 from .tasks import Tokenizer
-from .train import TrainingDiverged, optimizer_step
+from .train import check_finite, optimizer_step
 
 __all__ = ["GRPOConfig", "train_grpo", "group_advantages", "token_logprobs", "policy_loss", "policy_entropy",
            "LOSS_TYPES", "SCALE_REWARDS"]
@@ -272,11 +271,7 @@ def train_grpo(model, task, config=None, tokenizer=None, out_dir=None, resume_fr
         model.update_routing_bias()
 
         loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            where = f"the last good checkpoint is {checkpoint}" if checkpoint and os.path.exists(checkpoint + ".json") \
-                else "no checkpoint was written yet"
-            raise TrainingDiverged(f"train_grpo: the loss became {loss_value} at step {step + 1}; stopping "
-                                   f"({where}). Try a lower learning rate.")
+        check_finite("train_grpo", loss_value, step + 1, checkpoint)
         correct = scores["accuracy"] > 0
         record = {
             "step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),

@@ -82,6 +82,16 @@ def optimizer_step(model, optimizer, scheduler, loss, grad_clip):
     return grad_norm
 
 
+def check_finite(who, loss_value, step, checkpoint):
+    """Stop a run whose loss became NaN or infinite, saying where its last good checkpoint is."""
+    if math.isfinite(loss_value):
+        return
+    where = f"the last good checkpoint is {checkpoint}" if checkpoint and os.path.exists(checkpoint + ".json") \
+        else "no checkpoint was written yet"
+    raise TrainingDiverged(f"{who}: the loss became {loss_value} at step {step}; stopping ({where}). "
+                           "Try a lower learning rate or a smaller grad_clip.")
+
+
 def make_optimizer(model, config, total_steps):
     optimizer = AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return optimizer, WarmupCosine(optimizer, config.warmup_steps, total_steps, min_lr=config.min_lr)
@@ -146,11 +156,7 @@ def pretrain(model, task, config=None, tokenizer=None, out_dir=None, resume_from
         grad_norm = optimizer_step(model, optimizer, scheduler, loss, config.grad_clip)
         model.update_routing_bias()
         loss_value = loss.item()  # the one host read per step: for the log, and the divergence check
-        if not math.isfinite(loss_value):
-            where = f"the last good checkpoint is {checkpoint}" if checkpoint and os.path.exists(checkpoint + ".json") \
-                else "no checkpoint was written yet"
-            raise TrainingDiverged(f"pretrain: the loss became {loss_value} at step {step + 1}; stopping ({where}). "
-                                   "Try a lower learning rate or a smaller grad_clip.")
+        check_finite("pretrain", loss_value, step + 1, checkpoint)
         record = {"step": step + 1, "loss": loss_value, "lm_loss": lm.item(), "lr": lr,
                   "grad_norm": grad_norm.item(), **model.routing_summary()}
         for key, value in record.items():
