@@ -40,7 +40,10 @@ def _write_atomically(path, data):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes private files; a checkpoint is an ordinary file
         with os.fdopen(handle, "wb") as file:
             file.write(data)
             file.flush()
@@ -73,7 +76,7 @@ def save_checkpoint(path, model, optimizer=None, scheduler=None, state=None):
     data = buffer.getvalue()
     meta["arrays_sha256"] = hashlib.sha256(data).hexdigest()
     _write_atomically(npz_path, data)
-    _write_atomically(json_path, json.dumps(meta, indent=1).encode())
+    _write_atomically(json_path, json.dumps(meta).encode())
     return json_path
 
 

@@ -205,15 +205,15 @@ class Transformer(Module):
 
     def routing_summary(self):
         """Host values for logs and plots, from the last forward: per MoE layer, the share of routed tokens each
-        expert received, and the router entropy. (This copies a few numbers per layer to the host: call it
-        when you want them, not inside a step.)"""
+        expert received, and the router entropy, rounded to 4 decimals. (This copies a few numbers per layer to
+        the host: call it when you want them, not inside a step.)"""
         loads, entropies = [], []
         for moe in self.moe_layers():
             counts = moe.stats["tokens_per_expert"]
             backend = backend_of(counts)
             counts = backend.to_numpy(counts).astype(float)
-            loads.append((counts / max(counts.sum(), 1.0)).tolist())
-            entropies.append(float(backend.to_numpy(moe.stats["router_entropy"])))
+            loads.append([round(share, 4) for share in (counts / max(counts.sum(), 1.0)).tolist()])
+            entropies.append(round(float(backend.to_numpy(moe.stats["router_entropy"])), 4))
         return {"expert_load": loads, "router_entropy": entropies}
 
     def parameter_counts(self):

@@ -286,7 +286,7 @@ def test_lesson_files_are_small():
     """Lessons carry no big data: only notebooks without outputs and small files written for them."""
     for path in LESSONS.rglob("*"):
         if path.is_file() and not any(part.startswith(".") or part == "__pycache__" for part in path.parts):
-            assert path.stat().st_size <= 1 << 20, f"{path} is {path.stat().st_size:,} bytes; keep lesson files ≤ 1 MiB"
+            assert path.stat().st_size <= 3 << 19, f"{path} is {path.stat().st_size:,} bytes; keep lesson files ≤ 1.5 MiB"
 
 
 def test_syllabus_lists_every_lesson():
