@@ -3,54 +3,30 @@
 At equal tokens and equal expert size, time forward + backward of an MoE layer with 8, 16, 32 and 64 routed
 experts (top-2). Total parameters grow 8×; the work per token (2 experts) does not, so the time should barely
 move (target: 64 experts ≤ 1.3 × 8 experts). A dense SwiGLU MLP with the same *activated* parameters
-(inter_dim = top_k · moe_inter_dim) shows the price of routing itself. The same layers in PyTorch (the twin in
-tests/reference/moe.py, a plain loop over experts) give a yardstick.
+(inter_dim = top_k · moe_inter_dim) shows the price of routing itself. The PyTorch twin (benchmarks/torch_model.py,
+the same sort-based dispatch) is the yardstick.
 
-    python benchmarks/moe_scaling.py [--tokens 4096] [--dim 64] [--inter 128] [--repeats 9] [--no-torch]
-
-BLAS and torch run on one thread unless OPENBLAS_NUM_THREADS / OMP_NUM_THREADS say otherwise (set before NumPy
-loads, so only when this file is the script): on a small shared machine a multithreaded BLAS spin-waits for
-busy cores and one matmul can take 50× longer. The layers are timed in turns, one run each per round, so a
-disturbance hits all of them alike; each figure is the median over the rounds.
+    python -m benchmarks.moe_scaling [--tokens 4096] [--dim 64] [--inter 128] [--repeats 9] [--threads 1]
 """
 
 import argparse
-import os
-import statistics
-import sys
-import time
-from pathlib import Path
 
-if __name__ == "__main__":
-    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(variable, "1")
+import numpy
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import minimoe
+from minimoe.model import ModelConfig
+from minimoe.nn import MLP, MoE
+from minimoe.testing import to_numpy
 
-import numpy as np  # noqa: E402  (host data for the inputs)
+from . import torch_model
+from .common import Entry, device_for, limit_threads, time_in_turns
 
-import minimoe  # noqa: E402
-from minimoe.nn import MLP, MoE  # noqa: E402
-from minimoe.testing import to_numpy  # noqa: E402
+__all__ = ["run"]
 
 
-def median_times(steps, repeats):
-    """{name: median wall time of steps[name]()}, timing the steps in turns for `repeats` rounds after one
-    warm-up run each."""
-    times = {name: [] for name in steps}
-    for step in steps.values():
-        step()
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def minimoe_step(layer, x_host, upstream_host):
-    """One forward + backward of a minimoe layer (float tensors made once, outside the timing)."""
+def _minimoe_step(layer, x_host, upstream_host):
+    """One forward + backward of a minimoe layer (input tensors made once, outside the timing)."""
     x = minimoe.tensor(x_host, requires_grad=True)
     upstream = minimoe.tensor(upstream_host)
     parameters = layer.parameters()
@@ -65,98 +41,77 @@ def minimoe_step(layer, x_host, upstream_host):
     return step
 
 
-def torch_step(layer, x_host, upstream_host):
-    import torch
-
-    x = torch.tensor(x_host, requires_grad=True)
-    upstream = torch.tensor(upstream_host)
+def _torch_step(module, x_host, upstream_host, device):
+    x = torch.tensor(x_host, requires_grad=True, device=device.torch_device)
+    upstream = torch.tensor(upstream_host, device=device.torch_device)
 
     def step():
-        layer.zero_grad(set_to_none=True)
+        module.zero_grad(set_to_none=True)
         x.grad = None
-        layer(x).backward(upstream)
+        module(x).backward(upstream)
     return step
 
 
-def torch_twin_of(layer, top_k, moe_inter_dim):
+def _twin(layer, top_k, device):
     """The PyTorch twin of a minimoe MoE or MLP, with the same weights (so the same routing)."""
-    from reference import moe as twin
-
-    state = {name: to_numpy(value) for name, value in layer.state_dict().items()}
     if isinstance(layer, MoE):
-        module = twin.MoE(layer.dim, layer.n_routed_experts, top_k, moe_inter_dim)
+        config = ModelConfig(dim=layer.dim, n_routed_experts=layer.n_routed_experts, n_activated_experts=top_k,
+                             moe_inter_dim=layer.moe_inter_dim, n_shared_experts=0, bias_update_speed=0.0)
+        module = torch_model.MoE(config)
     else:
-        module = twin.MLP(layer.dim, layer.inter_dim)
-    return twin.load_minimoe_state(module, state)
+        module = torch_model.Expert(layer.dim, layer.inter_dim)
+    module.load_state_dict({name: torch.as_tensor(to_numpy(value)) for name, value in layer.state_dict().items()})
+    return module.to(device.torch_device)
 
 
-def run(n_tokens=4096, dim=64, moe_inter_dim=128, top_k=2, expert_counts=(8, 16, 32, 64), repeats=9,
-        seq_len=256, with_torch=True, backend="numpy", dtype="float32", seed=0):
-    """Time forward+backward of each layer. Returns {"moe": {E: seconds}, "dense": seconds,
-    "imbalance": {E: max/mean load of the timed batch}, and with_torch: "torch_moe": {E: s}, "torch_dense": s}."""
-    rng = np.random.default_rng(seed)
-    x_host = rng.normal(size=(n_tokens // seq_len, seq_len, dim)).astype(dtype)
-    upstream_host = rng.normal(size=x_host.shape).astype(dtype)
-    previous_dtype = minimoe.set_default_dtype(dtype)
+def run(device, repeats, tokens=4096, dim=64, moe_inter_dim=128, top_k=2, expert_counts=(8, 16, 32, 64),
+        seq_len=256, seed=0):
+    rng = numpy.random.default_rng(seed)
+    x_host = rng.normal(size=(tokens // seq_len, seq_len, dim)).astype("float32")
+    upstream_host = rng.normal(size=x_host.shape).astype("float32")
+    previous = minimoe.set_default_dtype("float32")
     try:
-        with minimoe.use_backend(backend):
+        with minimoe.use_backend(device.backend):
             minimoe.manual_seed(seed)
             layers = {n_experts: MoE(dim, n_experts, top_k, moe_inter_dim) for n_experts in expert_counts}
             layers["dense"] = MLP(dim, top_k * moe_inter_dim)
-            steps = {("minimoe", name): minimoe_step(layer, x_host, upstream_host) for name, layer in layers.items()}
-            if with_torch:
-                import torch
-
-                torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-                steps.update({("torch", name): torch_step(torch_twin_of(layer, top_k, moe_inter_dim), x_host,
-                                                          upstream_host) for name, layer in layers.items()})
-            times = median_times(steps, repeats)
+            calls = {}
+            for name, layer in layers.items():
+                calls["minimoe", name] = _minimoe_step(layer, x_host, upstream_host)
+                calls["torch", name] = _torch_step(_twin(layer, top_k, device), x_host, upstream_host, device)
+            times = time_in_turns(calls, repeats, device)
     finally:
-        minimoe.set_default_dtype(previous_dtype)
-    results = {"moe": {e: times["minimoe", e] for e in expert_counts}, "dense": times["minimoe", "dense"],
-               "imbalance": {e: float(to_numpy(layers[e].stats["imbalance"])) for e in expert_counts}}
-    if with_torch:
-        results["torch_moe"] = {e: times["torch", e] for e in expert_counts}
-        results["torch_dense"] = times["torch", "dense"]
-    return results
-
-
-def report(results):
-    """Print the table: time per layer, ratio to the fewest experts, load balance, and against PyTorch."""
-    fewest, most = min(results["moe"]), max(results["moe"])
-    base = results["moe"][fewest]
-    with_torch = "torch_moe" in results
-    print(f"{'experts':>8} {'minimoe ms':>11} {f'vs {fewest}':>6} {'load max/mean':>14}"
-          + (f" {'torch ms':>9} {'minimoe/torch':>14}" if with_torch else ""))
-    rows = [(n_experts, seconds, f"{results['imbalance'][n_experts]:.2f}",
-             results["torch_moe"][n_experts] if with_torch else None)
-            for n_experts, seconds in results["moe"].items()]
-    rows.append(("dense", results["dense"], "", results.get("torch_dense")))
-    for name, seconds, balance, theirs in rows:
-        line = f"{name:>8} {1e3 * seconds:>11.1f} {seconds / base:>5.2f}× {balance:>14}"
-        if theirs is not None:
-            line += f" {1e3 * theirs:>9.1f} {seconds / theirs:>13.2f}×"
-        print(line)
-    print(f"{most} vs {fewest} experts: {results['moe'][most] / base:.2f}× (target ≤ 1.3×: the cost follows the "
-          f"activated parameters); {fewest}-expert MoE vs the dense MLP with equal activated parameters: "
-          f"{base / results['dense']:.2f}×")
+        minimoe.set_default_dtype(previous)
+    wall = {key: 1e3 * value["wall"] for key, value in times.items()}
+    shape = f"top-{top_k}, {tokens} tokens, dim {dim}, experts of width {moe_inter_dim}"
+    entries = []
+    for n_experts in expert_counts:
+        imbalance = float(to_numpy(layers[n_experts].stats["imbalance"]))
+        entries.append(Entry(f"MoE layer fwd+bwd, {n_experts} routed experts ({shape}; load max/mean {imbalance:.2f})",
+                             "ms", wall["minimoe", n_experts], wall["torch", n_experts]))
+    entries.append(Entry(f"dense SwiGLU MLP fwd+bwd, width {top_k * moe_inter_dim} (the MoE's activated parameters)",
+                         "ms", wall["minimoe", "dense"], wall["torch", "dense"]))
+    fewest, most = min(expert_counts), max(expert_counts)
+    entries.append(Entry(f"MoE cost growth, {most} vs {fewest} routed experts (target <= 1.3)", "x",
+                         wall["minimoe", most] / wall["minimoe", fewest], wall["torch", most] / wall["torch", fewest]))
+    return entries
 
 
 def main():
+    from .__main__ import print_table
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--inter", type=int, default=128, help="moe_inter_dim, the width of one expert")
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--backend", default="numpy")
-    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     args = parser.parse_args()
-    print(f"forward+backward, {args.tokens} tokens, dim {args.dim}, experts of width {args.inter}, "
-          f"top-{args.top_k}, float32, backend {args.backend}, median of {args.repeats}, "
-          f"{os.environ.get('OPENBLAS_NUM_THREADS', 'default')} BLAS thread(s)")
-    report(run(args.tokens, args.dim, args.inter, args.top_k, repeats=args.repeats, with_torch=not args.no_torch,
-               backend=args.backend))
+    device = device_for(args.backend)
+    with limit_threads(args.threads):
+        print_table(run(device, args.repeats, args.tokens, args.dim, args.inter, args.top_k))
 
 
 if __name__ == "__main__":

@@ -123,15 +123,19 @@ class Function:
         reference = next((x for x in inputs if isinstance(x, Tensor)), None)
         if reference is None:
             raise TypeError(f"{self.name}: needs at least one Tensor input")
-        tensors = tuple(x if isinstance(x, Tensor) else _constant_like(x, reference) for x in inputs)
         array_type = type(reference.data)
-        for x in tensors:
-            if type(x.data) is not array_type:
+        tensors, arrays = [], []  # a plain loop: this runs for every op, and generators cost microseconds
+        for x in inputs:
+            if not isinstance(x, Tensor):
+                x = _constant_like(x, reference)
+            elif type(x.data) is not array_type:
                 raise TypeError(
                     f"{self.name}: inputs live on different backends ({backend.backend_of(reference.data).name} "
                     f"and {backend.backend_of(x.data).name}); move one with .to(...) first")
+            tensors.append(x)
+            arrays.append(x.data)
         try:
-            output = self.forward(*(x.data for x in tensors))
+            output = self.forward(*arrays)
         except ShapeError:
             raise
         except ValueError as error:
@@ -144,7 +148,7 @@ class Function:
         if not (_grad_enabled and any(x.requires_grad for x in tensors)):
             self.saved = None  # no backward will come: let go of saved arrays now
             return Tensor(output)
-        self.inputs, self.needs_grad = tensors, tuple(x.requires_grad for x in tensors)
+        self.inputs, self.needs_grad = tuple(tensors), tuple(x.requires_grad for x in tensors)
         result = Tensor(output, requires_grad=True)
         result.creator = self
         return result
@@ -179,6 +183,8 @@ def _input_grad(function, x, grad):
     """The gradient `function.backward` returned for its input x: checked, then summed down to x's shape."""
     if type(grad) is not type(x.data):
         grad = _as_array_like(grad, type(x.data), f"{function.name}.backward")
+    if grad.shape == x.shape:  # the usual case: nothing to check, nothing to sum
+        return grad
     if not _broadcasts_to(x.shape, grad.shape):
         raise ShapeError(f"{function.name}.backward: returned a gradient of shape {grad.shape} for an input of "
                          f"shape {x.shape}; it must have the input's shape or the output's broadcast shape")
@@ -348,6 +354,7 @@ class Tensor:
             _accumulate(self, grad)
             return
         grads = {self.creator: grad}  # Function -> gradient of its output, summed over all its uses
+        sums = set()  # Functions whose entry in grads is a sum made here: no one else holds it, so += is safe
         for function in reversed(_topological_order(self.creator)):
             output_grad = grads.pop(function, None)
             if output_grad is not None:
@@ -363,8 +370,11 @@ class Tensor:
                     x_grad = _input_grad(function, x, x_grad)
                     if x.creator is None:
                         _accumulate(x, x_grad)
-                    elif x.creator in grads:
+                    elif x.creator in sums:
+                        grads[x.creator] += x_grad
+                    elif x.creator in grads:  # a backward may return its g itself (Add does): never add into it
                         grads[x.creator] = grads[x.creator] + x_grad
+                        sums.add(x.creator)
                     else:
                         grads[x.creator] = x_grad
             if not retain_graph:
@@ -396,7 +406,9 @@ def _topological_order(root):
                                "a second pass, or recompute the forward.")
         visited.add(function)
         stack.append((function, True))
-        stack.extend((x.creator, False) for x in function.inputs if x.creator is not None)
+        for x in function.inputs:
+            if x.creator is not None and x.creator not in visited:
+                stack.append((x.creator, False))
     return order
 
 

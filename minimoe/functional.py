@@ -18,7 +18,7 @@ from .backend import backend_of, device_rng, get_array_module
 
 __all__ = [
     "add", "sub", "mul", "div", "neg", "pow", "maximum", "minimum", "clip",
-    "exp", "log", "sqrt", "tanh", "sigmoid", "relu", "silu", "gelu", "cast",
+    "exp", "log", "sqrt", "tanh", "sigmoid", "relu", "silu", "swiglu", "gelu", "cast",
     "matmul", "linear",
     "sum", "mean", "max", "var", "logsumexp",
     "reshape", "transpose", "permute", "broadcast_to", "getitem", "take_along_axis", "gather", "index_add",
@@ -46,6 +46,13 @@ def _expand_reduced(g, axes, keepdims):
 
 def _reduced_count(shape, axes):
     return math.prod(shape[a] for a in axes)
+
+
+def _row_dot(a, b):
+    """Σᵢ aᵢ bᵢ over the last axis, kept as an axis of size 1: (..., C), (..., C) -> (..., 1). einsum makes the
+    products and the sum in one pass, without an (..., C) temporary for a ⊙ b (and NumPy's .sum() is slow on
+    many short rows)."""
+    return get_array_module(a).einsum("...i,...i->...", a, b)[..., None]
 
 
 # ==============================================================================================================
@@ -263,7 +270,12 @@ class Tanh(Function):
 
 def _sigmoid(x):
     """σ(x) = 1 / (1 + e⁻ˣ), written as (1 + tanh(x/2)) / 2, which never overflows."""
-    return 0.5 * (get_array_module(x).tanh(0.5 * x) + 1)
+    xp = get_array_module(x)
+    s = xp.asarray(0.5 * x)  # one new array (asarray: NumPy turns 0-d results into scalars), then in place
+    xp.tanh(s, out=s)
+    s += 1
+    s *= 0.5
+    return s
 
 
 class Sigmoid(Function):
@@ -276,7 +288,10 @@ class Sigmoid(Function):
 
     def backward(self, g):
         (y,) = self.saved
-        return g * y * (1 - y)
+        gx = 1 - y
+        gx *= y
+        gx *= g
+        return gx
 
 
 class Relu(Function):
@@ -301,7 +316,43 @@ class Silu(Function):
 
     def backward(self, g):
         x, s = self.saved
-        return g * s * (1 + x * (1 - s))
+        gx = 1 - s  # one new array, then in place: σ (1 + x (1 - σ)) g
+        gx *= x
+        gx += 1
+        gx *= s
+        gx *= g
+        return gx
+
+
+class Swiglu(Function):
+    """y = silu(a) ⊙ b = a σ(a) ⊙ b: the gated unit of a SwiGLU feed-forward (Shazeer 2020), a = x W₁ᵀ the gate,
+    b = x W₃ᵀ the value.   dL/da = g ⊙ b ⊙ σ(a) (1 + a (1 - σ(a))),   dL/db = g ⊙ a σ(a).
+    One op rather than silu followed by a product: one graph node, and one (tokens, width) array fewer kept for
+    backward — in an MoE layer these are the largest arrays."""
+
+    def forward(self, a, b):
+        if a.shape != b.shape:
+            raise ShapeError(f"swiglu: the gate {a.shape} and the value {b.shape} must have the same shape")
+        s = _sigmoid(a)
+        self.save(a, b, s)
+        y = a * s
+        y *= b
+        return y
+
+    def backward(self, g):
+        a, b, s = self.saved
+        ga = gb = None
+        if self.needs_grad[0]:
+            ga = 1 - s  # one new array, then in place: σ (1 + a (1 - σ)) b g
+            ga *= a
+            ga += 1
+            ga *= s
+            ga *= b
+            ga *= g
+        if self.needs_grad[1]:
+            gb = a * s
+            gb *= g
+        return ga, gb
 
 
 class Gelu(Function):
@@ -379,6 +430,11 @@ def silu(x):
     return Silu()(x)
 
 
+def swiglu(a, b):
+    """silu(a) ⊙ b, the SwiGLU gated unit: a the gate, b the value (same shapes)."""
+    return Swiglu()(a, b)
+
+
 def gelu(x, approximate="none"):
     """GELU; approximate="tanh" for the tanh approximation (GPT-2), "none" for the exact erf form."""
     return Gelu(approximate)(x)
@@ -403,6 +459,8 @@ class Matmul(Function):
             raise ShapeError(f"matmul: cannot multiply shapes {a.shape} and {b.shape}: the inner sizes "
                              f"{a.shape[-1]} and {b.shape[-2 if b.ndim > 1 else 0]} differ")
         self.save(a, b)
+        if b.ndim == 2 and a.ndim > 2:  # a weight shared by every batch: one product over all rows, not a loop
+            return (a.reshape(-1, a.shape[-1]) @ b).reshape(a.shape[:-1] + b.shape[-1:])
         return a @ b
 
     def backward(self, g):
@@ -433,13 +491,15 @@ class Linear(Function):
             raise ShapeError(f"linear: input has {x.shape[-1]} features (shape {x.shape}) but the weight "
                              f"{weight.shape} expects {weight.shape[-1]}")
         self.save(x, weight)
-        y = x @ weight.T  # (..., out)
-        return y if bias is None else y + bias
+        y = x.reshape(-1, x.shape[-1]) @ weight.T  # (rows, out): every leading axis folded into one product
+        if bias is not None:
+            y += bias
+        return y.reshape(x.shape[:-1] + (weight.shape[0],))  # (..., out)
 
     def backward(self, g):
         x, weight = self.saved
         g2 = g.reshape(-1, g.shape[-1])  # (rows, out)
-        gx = g @ weight if self.needs_grad[0] else None  # (..., in)
+        gx = (g2 @ weight).reshape(x.shape) if self.needs_grad[0] else None  # (..., in)
         gw = g2.T @ x.reshape(-1, x.shape[-1]) if self.needs_grad[1] else None  # (out, in)
         if len(self.needs_grad) == 2:  # called without a bias
             return gx, gw
@@ -626,6 +686,11 @@ def _is_basic_index(index):
                or (hasattr(p, "dtype") and p.dtype.kind == "b") for p in parts)
 
 
+def _is_row_index(index):
+    """One 1-D array of integers: x[ids] picks whole rows of x."""
+    return getattr(index, "ndim", None) == 1 and index.dtype.kind in "iu"
+
+
 class GetItem(Function):
     """y = x[index] (basic or advanced indexing).
     dL/dx = zeros with g written (basic) or scatter-added (advanced: a repeated index collects every copy's
@@ -640,6 +705,8 @@ class GetItem(Function):
 
     def backward(self, g):
         shape, dtype = self.saved
+        if _is_row_index(self.index):  # x[ids]: each row of g summed into the row it was taken from
+            return backend_of(g).scatter_sum(g, self.index, shape[0])
         xp = get_array_module(g)
         gx = xp.zeros(shape, dtype=dtype)
         if _is_basic_index(self.index):
@@ -699,9 +766,7 @@ class IndexAdd(Function):
         if source.shape[1:] != x.shape[1:] or source.shape[0] != self.index.shape[0]:
             raise ShapeError(f"index_add: source {source.shape} must be (len(index)={self.index.shape[0]},) + "
                              f"{x.shape[1:]} to add into {x.shape}")
-        y = x.copy()
-        get_array_module(x).add.at(y, self.index, source)
-        return y
+        return x + backend_of(x).scatter_sum(source, self.index, x.shape[0])
 
     def backward(self, g):
         return g, (g[self.index] if self.needs_grad[1] else None)
@@ -924,12 +989,13 @@ class CrossEntropy(Function):
             raise IndexError(f"cross_entropy: target {int(bad[0])} is outside the {classes} classes [0, {classes}) "
                              f"and is not ignore_index={self.ignore_index}")
         shifted = logits - logits.max(axis=-1, keepdims=True)
-        exp = xp.exp(shifted)
-        total = exp.sum(axis=-1, keepdims=True)
         picked = xp.take_along_axis(shifted, safe_targets[..., None], axis=-1)[..., 0]
+        probabilities = xp.exp(shifted, out=shifted)  # in place: shifted is not needed any more
+        total = probabilities.sum(axis=-1, keepdims=True)
+        probabilities /= total
         losses = (xp.log(total[..., 0]) - picked) * valid  # (...,)
         count = xp.maximum(valid.sum(), 1).astype(logits.dtype)  # "mean" divides by it; no targets -> loss 0
-        self.save(exp / total, safe_targets, valid, count)
+        self.save(probabilities, safe_targets, valid, count)
         if self.reduction == "none":
             return losses
         return losses.sum() / count if self.reduction == "mean" else losses.sum()
@@ -937,9 +1003,10 @@ class CrossEntropy(Function):
     def backward(self, g):
         probabilities, targets, valid, count = self.saved
         xp = get_array_module(probabilities)
-        onehot = xp.arange(probabilities.shape[-1]) == targets[..., None]  # (..., C)
-        weight = valid * (g / count if self.reduction == "mean" else g)  # (...,) or broadcasts to it
-        return (probabilities - onehot) * weight[..., None]
+        weight = valid * (g / count if self.reduction == "mean" else g)  # (...,)
+        grad = (probabilities * weight[..., None]).reshape(-1, probabilities.shape[-1])  # (rows, C)
+        grad[xp.arange(grad.shape[0]), targets.reshape(-1)] -= weight.reshape(-1)  # minus the one-hot, in place
+        return grad.reshape(probabilities.shape)
 
     def release(self):
         super().release()
@@ -964,10 +1031,7 @@ class Embedding(Function):
 
     def backward(self, g):
         (shape,) = self.saved
-        xp = get_array_module(g)
-        gw = xp.zeros(shape, dtype=g.dtype)
-        xp.add.at(gw, self.ids.reshape(-1), g.reshape(-1, shape[-1]))
-        return gw
+        return backend_of(g).scatter_sum(g.reshape(-1, shape[-1]), self.ids.reshape(-1), shape[0])
 
     def release(self):
         super().release()
@@ -983,17 +1047,19 @@ class RMSNorm(Function):
 
     def forward(self, x, weight):
         xp = get_array_module(x)
-        inverse_rms = 1 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + self.eps)  # (..., 1)
+        inverse_rms = 1 / xp.sqrt(_row_dot(x, x) / x.shape[-1] + self.eps)  # (..., 1)
         normalized = x * inverse_rms
         self.save(normalized, inverse_rms, weight)
         return normalized * weight
 
     def backward(self, g):
         normalized, inverse_rms, weight = self.saved
-        h = g * weight
-        gx = (h - normalized * (h * normalized).mean(axis=-1, keepdims=True)) * inverse_rms
-        gw = (g * normalized).reshape(-1, weight.shape[0]).sum(axis=0)
-        return gx, gw
+        h = g * weight  # (..., C), a new array: the rest happens in place
+        h -= normalized * (_row_dot(h, normalized) / normalized.shape[-1])
+        h *= inverse_rms
+        rows = (-1, weight.shape[0])
+        gw = get_array_module(g).einsum("ni,ni->i", g.reshape(rows), normalized.reshape(rows))  # Σ over the rows
+        return h, gw
 
 
 class LayerNorm(Function):
@@ -1117,22 +1183,25 @@ class ScaledDotProductAttention(Function):
                              f"0..{self.start_pos + queries - 1}, but there are {keys} keys")
         xp = get_array_module(q)
         scale = 1 / math.sqrt(q.shape[-1]) if self.scale is None else self.scale
-        scores = (q @ k.swapaxes(-1, -2)) * scale  # (..., Tq, Tk)
-        if self.causal:
-            visible = xp.arange(keys) <= xp.arange(self.start_pos, self.start_pos + queries)[:, None]  # (Tq, Tk)
-            scores = xp.where(visible, scores, -xp.inf)
-        e = xp.exp(scores - scores.max(axis=-1, keepdims=True))
-        p = e / e.sum(axis=-1, keepdims=True)  # (..., Tq, Tk)
+        scores = (q * scale) @ k.swapaxes(-1, -2)  # (..., Tq, Tk); scaling q costs Tq·D products, not Tq·Tk
+        if self.causal:  # add -inf to the scores of the keys a query may not see yet
+            future = xp.arange(keys) > xp.arange(self.start_pos, self.start_pos + queries)[:, None]  # (Tq, Tk)
+            scores += xp.where(future, -xp.inf, 0).astype(scores.dtype)
+        # softmax in place: the (..., Tq, Tk) scores are the largest arrays of a step, so none is copied
+        scores -= scores.max(axis=-1, keepdims=True)
+        p = xp.exp(scores, out=scores)
+        p /= p.sum(axis=-1, keepdims=True)  # (..., Tq, Tk)
         self.save(q, k, v, p, scale)
         return p @ v
 
     def backward(self, g):
         q, k, v, p, scale = self.saved
         gv = p.swapaxes(-1, -2) @ g if self.needs_grad[2] else None  # (..., Tk, Dv)
-        dp = g @ v.swapaxes(-1, -2)  # (..., Tq, Tk)
-        ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True)) * scale  # softmax's backward, times the scale
-        gq = ds @ k if self.needs_grad[0] else None  # (..., Tq, D)
-        gk = ds.swapaxes(-1, -2) @ q if self.needs_grad[1] else None  # (..., Tk, D)
+        ds = g @ v.swapaxes(-1, -2)  # dP (..., Tq, Tk), turned into dS in place:
+        ds -= _row_dot(ds, p)
+        ds *= p  # softmax's backward, dS = P ⊙ (dP - rowsum(dP ⊙ P))
+        gq = (ds @ k) * scale if self.needs_grad[0] else None  # (..., Tq, D)
+        gk = (ds.swapaxes(-1, -2) @ q) * scale if self.needs_grad[1] else None  # (..., Tk, D)
         return gq, gk, gv
 
 

@@ -122,11 +122,18 @@ class Adam(Optimizer):
         m *= self.beta1
         m += (1 - self.beta1) * grad
         v *= self.beta2
-        v += (1 - self.beta2) * grad * grad
+        squared = (1 - self.beta2) * grad
+        squared *= grad
+        v += squared
         bias_correction1 = 1 - self.beta1 ** t
         bias_correction2 = 1 - self.beta2 ** t
-        denominator = xp.sqrt(v) / math.sqrt(bias_correction2) + self.eps
-        param -= (self.lr / bias_correction1) * m / denominator
+        # the same arithmetic as one expression, computed in place on two new arrays
+        denominator = xp.sqrt(v)
+        denominator /= math.sqrt(bias_correction2)
+        denominator += self.eps
+        step = (self.lr / bias_correction1) * m
+        step /= denominator
+        param -= step
 
 
 class AdamW(Adam):
@@ -149,7 +156,7 @@ def clip_grad_norm_(params, max_norm):
     if not grads:
         raise ValueError("clip_grad_norm_: no parameter has a gradient; call backward() first")
     xp = get_array_module(grads[0])
-    total = xp.sqrt(sum((g * g).sum() for g in grads))
+    total = xp.sqrt(sum(xp.vdot(g, g) for g in grads))  # vdot: Σ g² without a g² array
     scale = xp.minimum(max_norm / (total + 1e-6), 1.0)
     for g in grads:
         g *= scale.astype(g.dtype)

@@ -40,32 +40,35 @@ def precompute_rope_tables(head_dim, max_seq_len, theta=10000.0, xp=None, dtype=
     return xp.cos(angles).astype(dtype), xp.sin(angles).astype(dtype)
 
 
-def _rotate_pairs(x, cos, sin):
-    """Turn each pair (x[2i], x[2i+1]) of the last axis by the angle whose cosine and sine are given."""
+def _rotate_pairs(x, rotation):
+    """Turn each pair (x[2i], x[2i+1]) of the last axis by its angle θᵢ. Read as a complex number
+    z = x[2i] + i·x[2i+1], the turned pair is z·e^{iθᵢ}: one complex product per pair, as DeepSeek-V3's
+    apply_rotary_emb computes it. `rotation` holds e^{iθᵢ} = cos θᵢ + i·sin θᵢ."""
     xp = get_array_module(x)
-    pairs = x.reshape(x.shape[:-1] + (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]  # (..., D/2) each
-    return xp.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), axis=-1).reshape(x.shape)
+    z = xp.ascontiguousarray(x).view(xp.result_type(x.dtype, xp.complex64))  # (..., D/2): the pairs as complex
+    return (z * rotation.astype(z.dtype, copy=False)).view(x.dtype)  # (..., D): pairs of reals, in x's dtype
 
 
 class Rotate(Function):
     """y = R(θ) x: every interleaved pair of the last axis turned by its own angle,
         y[2i]   = x[2i] cos θᵢ - x[2i+1] sin θᵢ
-        y[2i+1] = x[2i] sin θᵢ + x[2i+1] cos θᵢ.
-    A rotation is orthogonal, R(θ)ᵀ = R(-θ), so dL/dx = R(-θ) g: the gradient is turned back by the same angle."""
+        y[2i+1] = x[2i] sin θᵢ + x[2i+1] cos θᵢ,
+    that is z ↦ z·e^{iθᵢ} for the pair as a complex number z = x[2i] + i·x[2i+1].
+    A rotation is orthogonal, R(θ)ᵀ = R(-θ), so dL/dx = R(-θ) g: the gradient is turned back by the same angle,
+    a product with the conjugate e^{-iθᵢ}."""
 
-    def __init__(self, cos, sin):
-        self.cos, self.sin = cos, sin
+    def __init__(self, rotation):
+        self.rotation = rotation
 
     def forward(self, x):
-        return _rotate_pairs(x, self.cos, self.sin)
+        return _rotate_pairs(x, self.rotation)
 
     def backward(self, g):
-        return _rotate_pairs(g, self.cos, -self.sin)
+        return _rotate_pairs(g, self.rotation.conj())
 
     def release(self):
         super().release()
-        self.cos = self.sin = None
+        self.rotation = None
 
 
 def apply_rotary_emb(x, cos, sin):
@@ -74,9 +77,10 @@ def apply_rotary_emb(x, cos, sin):
     if x.ndim not in (3, 4) or x.shape[-1] != 2 * cos.shape[-1] or x.shape[1] != cos.shape[0]:
         raise ShapeError(f"apply_rotary_emb: x must be (B, T, H, D) or (B, T, D) with T = {cos.shape[0]} positions "
                          f"and D = {2 * cos.shape[-1]} (twice the table's width), got shape {x.shape}")
+    rotation = cos + 1j * sin  # (T, D/2): e^{iθ} for each position and pair
     if x.ndim == 4:  # the same angle for every head
-        cos, sin = cos[:, None], sin[:, None]  # (T, 1, D/2)
-    return Rotate(cos, sin)(x)
+        rotation = rotation[:, None]  # (T, 1, D/2)
+    return Rotate(rotation)(x)
 
 
 class RotaryEmbedding(Module):
