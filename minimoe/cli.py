@@ -56,7 +56,8 @@ def _setup(args):
     if args.threads:
         from threadpoolctl import threadpool_limits
 
-        threadpool_limits(args.threads)
+        threadpool_limits(args.threads, user_api="blas")  # after NumPy's import: limits bind loaded libraries
+    backend.keep_freed_host_memory()  # a training loop reuses its temporaries: keep them instead of page-faulting
     backend.manual_seed(args.seed)
     config = _load_config(args.config)
     return config, TASKS[config["task"]](), Tokenizer()
@@ -207,7 +208,9 @@ def main(argv=None):
     parser.add_argument("--prompt", help="generate: the prompt, e.g. 347+589=")
     parser.add_argument("--n", type=int, default=4, help="generate: number of samples")
     parser.add_argument("--temperature", type=float, default=1.0, help="generate: 0 for greedy")
-    parser.add_argument("--threads", type=int, default=None, help="BLAS threads (default: the library's own)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="BLAS threads (default 1: this model's matrices are too small to share, and a second "
+                             "thread spin-waits on a busy core; 0 leaves the BLAS library's own setting)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     return COMMANDS[args.command](args)
