@@ -286,6 +286,26 @@ class Gate(Module):
 # the Mixture-of-Experts layer
 # ==============================================================================================================
 
+class RoutingStats(dict):
+    """An MoE layer's statistics of its last forward: a dict of backend arrays. "router_entropy", the mean over
+    tokens of -Σ_i p_i log p_i (p the normalised scores), is computed the first time it is read: it costs a pass
+    over all N×E scores, and only logs want it (not the decode steps of generation, say)."""
+
+    def __init__(self, scores, **values):
+        super().__init__(values)
+        self._scores = scores  # (N, E)
+
+    def __missing__(self, key):
+        if key != "router_entropy":
+            raise KeyError(key)
+        xp = get_array_module(self._scores)
+        p = self._scores / self._scores.sum(axis=-1, keepdims=True)
+        log_p = xp.log(xp.maximum(p, xp.finfo(p.dtype).tiny))
+        self[key] = xp.asarray(-xp.vdot(p, log_p) / p.shape[0])
+        return self[key]
+
+
+
 class MoE(Module):
     """DeepSeekMoE: shared experts every token passes through, plus routed experts chosen by the gate.
     x (B, T, dim) -> (B, T, dim), the sum  Σ shared(x) + Σ_chosen g · expert(x)  (the block adds the residual).
@@ -385,14 +405,10 @@ class MoE(Module):
         xp = get_array_module(routing.counts)
         losses = list(routing.losses.values())
         self.balance_loss = sum(losses[1:], losses[0]) if losses else None
-        scores = routing.scores.data  # (N, E)
-        p = scores / scores.sum(axis=-1, keepdims=True)
-        log_p = xp.log(xp.maximum(p, xp.finfo(p.dtype).tiny))
-        entropy = -xp.vdot(p, log_p) / p.shape[0]  # mean over the tokens of -Σ_i p_i log p_i
         counts = routing.counts
-        self.stats = {"tokens_per_expert": counts, "imbalance": xp.asarray(counts.max() / counts.mean()),
-                      "router_entropy": xp.asarray(entropy), "dropped": xp.asarray(dropped),
-                      **{name: loss.data for name, loss in routing.losses.items()}}
+        self.stats = RoutingStats(routing.scores.data, tokens_per_expert=counts,
+                                  imbalance=xp.asarray(counts.max() / counts.mean()), dropped=xp.asarray(dropped),
+                                  **{name: loss.data for name, loss in routing.losses.items()})
 
     def update_bias(self):
         """Auxiliary-loss-free balancing: call after each optimizer step (see Gate.update_bias)."""
