@@ -158,3 +158,10 @@ def test_config_json_round_trip():
     config = ModelConfig(attention="mla", capacity_factor=1.25)
     again = ModelConfig.from_dict(__import__("json").loads(config.to_json()))
     assert again == config and dataclasses.asdict(again) == config.to_dict()
+
+
+def test_repr_shows_parameter_counts_and_collapses_identical_experts():
+    model = Transformer(ModelConfig(vocab_size=26))
+    text = repr(model)
+    assert "(0-7): 8 × Expert(64 -> 64 -> 64)" in text and "(wq): Linear(64 -> 64, bias=False)" in text
+    assert f"total: {model.num_parameters():,} parameters" in text.splitlines()[-1]

@@ -154,13 +154,26 @@ class Module:
     def __repr__(self):
         own = sum(v.size for v in vars(self).values() if isinstance(v, Parameter))
         lines = [f"{type(self).__name__}({self.extra_repr()})" + (f"  # {own:,} parameters" if own else "")]
-        for name, child in self.named_children():
-            child_lines = repr(child).split("\n")
+        children = [(name, repr(child)) for name, child in self.named_children()]
+        for name, text in _runs_of_equal(children):
+            child_lines = text.split("\n")
             lines.append(f"  ({name}): {child_lines[0]}")
             lines.extend("  " + line for line in child_lines[1:])
-        if any(True for _ in self.named_children()):
+        if children:
             lines.append(f"  total: {self.num_parameters():,} parameters")
         return "\n".join(lines)
+
+
+def _runs_of_equal(children):
+    """Consecutive children that print the same (a ModuleList of 64 experts) are shown once: ("0-63", "64 × …")."""
+    runs = []
+    for name, text in children:
+        if runs and runs[-1][2] == text and name.isdigit():  # list entries only: wq and wk stay apart
+            runs[-1][1] = name
+        else:
+            runs.append([name, name, text])
+    return [(first, text) if first == last else (f"{first}-{last}", f"{int(last) - int(first) + 1} × {text}")
+            for first, last, text in runs]
 
 
 def _host(array):
