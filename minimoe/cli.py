@@ -23,7 +23,7 @@ from .evaluate import evaluate, sample_responses
 from .model import ModelConfig, Transformer
 from .plots import plot_expert_load, plot_pretraining, plot_rl
 from .rl import GRPOConfig, train_grpo
-from .tasks import AdditionTask, CountdownTask, Tokenizer
+from .tasks import AdditionTask, CountdownTask, Problem, Tokenizer
 from .train import PretrainConfig, pretrain
 
 TASKS = {"addition3": lambda: AdditionTask(3), "addition4": lambda: AdditionTask(4), "countdown": CountdownTask}
@@ -178,8 +178,6 @@ def command_generate(args):
     if not args.checkpoint or not args.prompt:
         raise SystemExit("generate: --checkpoint and --prompt are required")
     model = load_checkpoint(args.checkpoint, restore_random_state=False)[0]
-    from .tasks import Problem
-
     problem = Problem(prompt=args.prompt, reference="", task=config["task"], operands=(), target=None)
     try:
         responses = sample_responses(model, [problem], tokenizer, args.n, _eval_settings(config, task)["max_new_tokens"],

@@ -14,7 +14,6 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from . import functional as F
 from .autograd import Tensor
 from .backend import backend_of
 from .nn import MHA, MLA, MLP, Dropout, Embedding, Linear, Module, ModuleList, MoE, RMSNorm
