@@ -14,14 +14,16 @@ override the defaults, e.g. {"model": {"dim": 96}, "pretrain": {"steps": 2000}, 
 import argparse
 import json
 import os
+import sys
 import time
 
 from . import backend
 from .backend import numpy
 from .checkpoint import load_checkpoint
-from .evaluate import evaluate, sample_responses
+from .evaluate import evaluate
+from .generate import sample_responses
+from .loop import RunFolder, RunFolderError
 from .model import ModelConfig, Transformer
-from .plots import plot_expert_load, plot_pretraining, plot_rl
 from .rl import GRPOConfig, train_grpo
 from .tasks import AdditionTask, CountdownTask, Problem, Tokenizer
 from .train import PretrainConfig, pretrain
@@ -87,11 +89,49 @@ def _samples(model, task, tokenizer, n=6, seed=99):
             f"{p.reference}]" for p, text in zip(problems, texts)]
 
 
+def _claim_run_folder(args, out, *names, resume=False):
+    """Lock the run folder `out` (checked writable before any work) for the whole command. A folder that holds
+    a run already (one of the checkpoints `names`, or a demo's summary) is refused unless --resume continues it
+    or --overwrite replaces it; --resume needs a checkpoint to continue."""
+    try:
+        folder = RunFolder(out)
+        folder.acquire()
+    except RunFolderError as error:
+        raise SystemExit(f"--out: {error}") from None
+    existing = folder.holds_run(*names) + [f for f in (os.path.join(out, "summary.json"),) if os.path.exists(f)
+                                           and args.command == "demo"]
+    if resume and not folder.holds_run(names[0]):
+        folder.release()
+        raise SystemExit(f"--resume: {out} holds no checkpoint {names[0]}.npz to continue")
+    if existing and not (resume or args.overwrite):
+        folder.release()
+        raise SystemExit(f"--out {out} already holds a run ({existing[0]}); continue it with --resume, replace it "
+                         "with --overwrite, or choose another --out")
+    return folder
+
+
 def command_demo(args):
     started = time.perf_counter()
     config, task, tokenizer = _setup(args)
     out = args.out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
-    os.makedirs(out, exist_ok=True)
+    if args.resume:
+        raise SystemExit("demo: --resume is not supported (a demo always starts from scratch); resume its parts "
+                         "with `train --resume` / `rl --resume`, or replace the run with --overwrite")
+    folder = _claim_run_folder(args, out, "pretrain_last", "rl_last", "rl_reference")
+    try:
+        return _demo(args, started, config, task, tokenizer, out)
+    except KeyboardInterrupt:  # checkpoints are written whole or not at all (minimoe.checkpoint)
+        saved = [f for f in ("pretrain_last.npz", "rl_last.npz") if os.path.exists(os.path.join(out, f))]
+        print(f"demo interrupted; checkpoints written so far in {out}: {', '.join(saved) or 'none'}",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        folder.release()
+
+
+def _demo(args, started, config, task, tokenizer, out):
+    from .plots import plot_expert_load, plot_pretraining, plot_rl
+
     model_config = ModelConfig(**{"vocab_size": tokenizer.vocab_size, **config["model"]})
     pretrain_config = PretrainConfig(**{"seed": args.seed, **config["pretrain"]})
     grpo_config = GRPOConfig(**{"seed": args.seed, **config["grpo"]})
@@ -101,13 +141,15 @@ def command_demo(args):
     print(f"minimoe demo: {counts['total']:,} parameters ({counts['activated']:,} active per token), "
           f"task {config['task']}, backend {args.backend}, seed {args.seed}, run folder {out}")
 
-    pretrain_history = pretrain(model, task, pretrain_config, tokenizer, out_dir=out, progress=not args.quiet)
+    pretrain_history = pretrain(model, task, pretrain_config, tokenizer, out_dir=out, progress=not args.quiet,
+                                overwrite=args.overwrite)
     print(f"pretrained {pretrain_config.steps} steps in {pretrain_history['seconds']:.0f} s, "
           f"final loss {pretrain_history['lm_loss'][-1]:.3f}; evaluating ...")
     before = evaluate(model, task, tokenizer, **evaluation)
     before_samples = _samples(model, task, tokenizer)
 
-    rl_history = train_grpo(model, task, grpo_config, tokenizer, out_dir=out, progress=not args.quiet)
+    rl_history = train_grpo(model, task, grpo_config, tokenizer, out_dir=out, progress=not args.quiet,
+                            overwrite=args.overwrite)
     print(f"GRPO {grpo_config.steps} steps in {rl_history['seconds']:.0f} s; evaluating ...")
     after = evaluate(model, task, tokenizer, **evaluation)
     after_samples = _samples(model, task, tokenizer)
@@ -136,13 +178,20 @@ def command_train(args):
     config, task, tokenizer = _setup(args)
     out = args.out or os.path.join("runs", time.strftime("train-%Y%m%d-%H%M%S"))
     pretrain_config = PretrainConfig(**{"seed": args.seed, **config["pretrain"]})
-    resume = os.path.join(out, "pretrain_last") if args.resume else None
-    model = load_checkpoint(resume, restore_random_state=False)[0] if resume else \
-        Transformer(ModelConfig(**{"vocab_size": tokenizer.vocab_size, **config["model"]}))
-    history = pretrain(model, task, pretrain_config, tokenizer, out_dir=out, resume_from=resume,
-                       progress=not args.quiet)
-    plot_pretraining(history, os.path.join(out, "pretraining.png"))
-    print(f"final loss {history['lm_loss'][-1]:.3f}; checkpoint {os.path.join(out, 'pretrain_last')}")
+    checkpoint = os.path.join(out, "pretrain_last")
+    with _claim_run_folder(args, out, "pretrain_last", resume=args.resume):
+        resume = checkpoint if args.resume else None
+        model = load_checkpoint(resume, restore_random_state=False)[0] if resume else \
+            Transformer(ModelConfig(**{"vocab_size": tokenizer.vocab_size, **config["model"]}))
+        try:
+            history = pretrain(model, task, pretrain_config, tokenizer, out_dir=out, resume_from=resume,
+                               progress=not args.quiet, overwrite=args.overwrite)
+        except KeyboardInterrupt:  # the loop has said where its last checkpoint is
+            raise SystemExit(130) from None
+        from .plots import plot_pretraining
+
+        plot_pretraining(history, os.path.join(out, "pretraining.png"))
+    print(f"final loss {history['lm_loss'][-1]:.3f}; checkpoint {checkpoint}.npz")
 
 
 def command_rl(args):
@@ -150,14 +199,21 @@ def command_rl(args):
     if not args.checkpoint:
         raise SystemExit("rl: --checkpoint (a pretrained model) is required")
     out = args.out or os.path.join("runs", time.strftime("rl-%Y%m%d-%H%M%S"))
-    model = load_checkpoint(args.checkpoint, restore_random_state=False)[0]
     grpo_config = GRPOConfig(**{"seed": args.seed, **config["grpo"]})
-    resume = os.path.join(out, "rl_last") if args.resume else None
-    history = train_grpo(model, task, grpo_config, tokenizer, out_dir=out, resume_from=resume,
-                         progress=not args.quiet)
-    plot_rl(history, os.path.join(out, "grpo.png"))
-    plot_expert_load({"GRPO": history}, os.path.join(out, "expert_load.png"))
-    print(f"final batch accuracy {history['steps'][-1]['accuracy']:.3f}; checkpoint {os.path.join(out, 'rl_last')}")
+    checkpoint = os.path.join(out, "rl_last")
+    with _claim_run_folder(args, out, "rl_last", "rl_reference", resume=args.resume):
+        model = load_checkpoint(args.checkpoint, restore_random_state=False)[0]
+        resume = checkpoint if args.resume else None
+        try:
+            history = train_grpo(model, task, grpo_config, tokenizer, out_dir=out, resume_from=resume,
+                                 progress=not args.quiet, overwrite=args.overwrite)
+        except KeyboardInterrupt:  # the loop has said where its last checkpoint is
+            raise SystemExit(130) from None
+        from .plots import plot_expert_load, plot_rl
+
+        plot_rl(history, os.path.join(out, "grpo.png"))
+        plot_expert_load({"GRPO": history}, os.path.join(out, "expert_load.png"))
+    print(f"final batch accuracy {history['steps'][-1]['accuracy']:.3f}; checkpoint {checkpoint}.npz")
 
 
 def command_eval(args):
@@ -201,8 +257,10 @@ def main(argv=None):
     parser.add_argument("--backend", default=os.environ.get("MINIMOE_BACKEND", "numpy"),
                         choices=["numpy", "cupy", "fakegpu"])
     parser.add_argument("--out", help="run folder (checkpoints, plots, summary)")
-    parser.add_argument("--checkpoint", help="a checkpoint path (without .npz/.json) for rl, eval, generate")
+    parser.add_argument("--checkpoint", help="a checkpoint path (with or without .npz) for rl, eval, generate")
     parser.add_argument("--resume", action="store_true", help="train/rl: continue the run in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train/rl/demo: replace the run that --out holds (refused without it)")
     parser.add_argument("--prompt", help="generate: the prompt, e.g. 347+589=")
     parser.add_argument("--n", type=int, default=4, help="generate: number of samples")
     parser.add_argument("--temperature", type=float, default=1.0, help="generate: 0 for greedy")
