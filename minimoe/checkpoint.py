@@ -16,7 +16,8 @@ Format 2 (this module writes it):
   and why. A file is valid when it is a readable archive, its hash matches, its format is known and every weight
   is finite.
 - Format 1 (before December 2026: `<name>.npz` arrays + `<name>.json` metadata with the SHA-256 of the arrays file)
-  still loads, its hash checked; saving over it writes format 2 and removes the old `.json`.
+  still loads, its hash checked; saving over it writes format 2 and keeps the format 1 pair as the previous
+  checkpoint (`<name>.prev.npz` + `<name>.prev.json`).
 - Complete: model, optimizer and schedule state, every random generator and the caller's own state (step,
   history), so that a resumed run on NumPy continues bit for bit as if never interrupted.
 """
@@ -126,7 +127,7 @@ def _pack(model, optimizer, scheduler, state, path):
         raise NonFiniteCheckpointError(f"save_checkpoint({str(path)!r}): refused to save non-finite values in "
                                        f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; nothing was written")
     try:
-        meta_bytes = json.dumps(meta, allow_nan=False, sort_keys=True).encode()
+        meta_bytes = json.dumps(meta, sort_keys=True).encode()  # a NaN in a logged history is fine
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"save_checkpoint({str(path)!r}): the metadata cannot be stored as JSON ({error}); "
                               "convert NumPy scalars with float()/int(); nothing was written") from None
@@ -171,7 +172,8 @@ def save_checkpoint(path, model, optimizer=None, scheduler=None, state=None):
     `path`.prev.npz. Returns the path written. Raises CheckpointError, writing nothing, when the weights are
     not finite or `state` is not JSON."""
     data = _pack(model, optimizer, scheduler, state, path)
-    _, current, previous, legacy_json = checkpoint_files(path)
+    base, current, previous, legacy_json = checkpoint_files(path)
+    previous_json = base + ".prev.json"
     folder = os.path.dirname(os.path.abspath(current))
     os.makedirs(folder, exist_ok=True)
     remove_temporary_files(path)
@@ -179,6 +181,10 @@ def save_checkpoint(path, model, optimizer=None, scheduler=None, state=None):
     try:
         _read_file(temporary)  # read back what reached the disk before it replaces anything
         if os.path.exists(current) and _valid(current):
+            if os.path.exists(legacy_json):  # format 1: its metadata goes along, first
+                os.replace(legacy_json, previous_json)
+            elif os.path.exists(previous_json):
+                os.remove(previous_json)
             os.replace(current, previous)
         os.replace(temporary, current)
     except BaseException:
@@ -189,7 +195,7 @@ def save_checkpoint(path, model, optimizer=None, scheduler=None, state=None):
         raise
     _fsync_folder(folder)
     if os.path.exists(legacy_json):
-        os.remove(legacy_json)  # the format 1 metadata of the file just replaced
+        os.remove(legacy_json)  # the metadata of a format 1 file that was not valid, now replaced
     return current
 
 

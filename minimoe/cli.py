@@ -12,6 +12,7 @@ override the defaults, e.g. {"model": {"dim": 96}, "pretrain": {"steps": 2000}, 
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -89,8 +90,9 @@ def _samples(model, task, tokenizer, n=6, seed=99):
             f"{p.reference}]" for p, text in zip(problems, texts)]
 
 
-def _claim_run_folder(args, out, *names, resume=False):
-    """Lock the run folder `out` (checked writable before any work) for the whole command. A folder that holds
+@contextlib.contextmanager
+def _run_folder(args, out, *names, resume=False):
+    """Hold the run folder `out` (checked writable before any work) for the whole command. A folder that holds
     a run already (one of the checkpoints `names`, or a demo's summary) is refused unless --resume continues it
     or --overwrite replaces it; --resume needs a checkpoint to continue."""
     try:
@@ -98,16 +100,18 @@ def _claim_run_folder(args, out, *names, resume=False):
         folder.acquire()
     except RunFolderError as error:
         raise SystemExit(f"--out: {error}") from None
-    existing = folder.holds_run(*names) + [f for f in (os.path.join(out, "summary.json"),) if os.path.exists(f)
-                                           and args.command == "demo"]
-    if resume and not folder.holds_run(names[0]):
+    try:
+        existing = folder.holds_run(*names)
+        if args.command == "demo" and os.path.exists(os.path.join(out, "summary.json")):
+            existing.append(os.path.join(out, "summary.json"))
+        if resume and not folder.holds_run(names[0]):
+            raise SystemExit(f"--resume: {out} holds no checkpoint {names[0]}.npz to continue")
+        if existing and not (resume or args.overwrite):
+            raise SystemExit(f"--out {out} already holds a run ({existing[0]}); continue it with --resume, replace "
+                             "it with --overwrite, or choose another --out")
+        yield folder
+    finally:
         folder.release()
-        raise SystemExit(f"--resume: {out} holds no checkpoint {names[0]}.npz to continue")
-    if existing and not (resume or args.overwrite):
-        folder.release()
-        raise SystemExit(f"--out {out} already holds a run ({existing[0]}); continue it with --resume, replace it "
-                         "with --overwrite, or choose another --out")
-    return folder
 
 
 def command_demo(args):
@@ -117,16 +121,14 @@ def command_demo(args):
     if args.resume:
         raise SystemExit("demo: --resume is not supported (a demo always starts from scratch); resume its parts "
                          "with `train --resume` / `rl --resume`, or replace the run with --overwrite")
-    folder = _claim_run_folder(args, out, "pretrain_last", "rl_last", "rl_reference")
-    try:
-        return _demo(args, started, config, task, tokenizer, out)
-    except KeyboardInterrupt:  # checkpoints are written whole or not at all (minimoe.checkpoint)
-        saved = [f for f in ("pretrain_last.npz", "rl_last.npz") if os.path.exists(os.path.join(out, f))]
-        print(f"demo interrupted; checkpoints written so far in {out}: {', '.join(saved) or 'none'}",
-              file=sys.stderr)
-        raise SystemExit(130) from None
-    finally:
-        folder.release()
+    with _run_folder(args, out, "pretrain_last", "rl_last", "rl_reference"):
+        try:
+            return _demo(args, started, config, task, tokenizer, out)
+        except KeyboardInterrupt:  # checkpoints are written whole or not at all (minimoe.checkpoint)
+            saved = [f for f in ("pretrain_last.npz", "rl_last.npz") if os.path.exists(os.path.join(out, f))]
+            print(f"demo interrupted; checkpoints written so far in {out}: {', '.join(saved) or 'none'}",
+                  file=sys.stderr)
+            raise SystemExit(130) from None
 
 
 def _demo(args, started, config, task, tokenizer, out):
@@ -179,7 +181,7 @@ def command_train(args):
     out = args.out or os.path.join("runs", time.strftime("train-%Y%m%d-%H%M%S"))
     pretrain_config = PretrainConfig(**{"seed": args.seed, **config["pretrain"]})
     checkpoint = os.path.join(out, "pretrain_last")
-    with _claim_run_folder(args, out, "pretrain_last", resume=args.resume):
+    with _run_folder(args, out, "pretrain_last", resume=args.resume):
         resume = checkpoint if args.resume else None
         model = load_checkpoint(resume, restore_random_state=False)[0] if resume else \
             Transformer(ModelConfig(**{"vocab_size": tokenizer.vocab_size, **config["model"]}))
@@ -201,7 +203,7 @@ def command_rl(args):
     out = args.out or os.path.join("runs", time.strftime("rl-%Y%m%d-%H%M%S"))
     grpo_config = GRPOConfig(**{"seed": args.seed, **config["grpo"]})
     checkpoint = os.path.join(out, "rl_last")
-    with _claim_run_folder(args, out, "rl_last", "rl_reference", resume=args.resume):
+    with _run_folder(args, out, "rl_last", "rl_reference", resume=args.resume):
         model = load_checkpoint(args.checkpoint, restore_random_state=False)[0]
         resume = checkpoint if args.resume else None
         try:

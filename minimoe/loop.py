@@ -209,6 +209,8 @@ class TrainingRun:
 
     def __exit__(self, kind, error, traceback):
         if kind is KeyboardInterrupt:
+            if self.checkpoint and os.path.exists(self.checkpoint + ".npz"):  # Ctrl-C may land after a save's rename
+                self.last_saved = read_checkpoint(self.checkpoint)[0]["state"].get("step")
             print(f"\n{self.who}: interrupted at step {self.step}; {self._where_last_checkpoint()}", file=sys.stderr)
         if self.folder is not None:
             self.folder.release()
