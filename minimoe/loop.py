@@ -19,7 +19,6 @@ import sys
 import time
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .checkpoint import (NonFiniteCheckpointError, checkpoint_files, load_checkpoint, read_checkpoint,
                          remove_temporary_files, save_checkpoint)
@@ -94,6 +93,7 @@ class RunFolder:
             return
         try:
             os.makedirs(self.path, exist_ok=True)
+            self._remove_dead_probes()
             probe = os.path.join(self.path, f".tmp-lock-{os.getpid()}")
             with open(probe, "w") as file:  # the pid is in the file before the file becomes the lock
                 file.write(str(os.getpid()))
@@ -109,6 +109,13 @@ class RunFolder:
         finally:
             os.remove(probe)
         _held_locks[self._key] = 1
+
+    def _remove_dead_probes(self):
+        """Probe files of processes killed while they took the lock."""
+        for name in os.listdir(self.path):
+            pid = name[len(".tmp-lock-"):]
+            if name.startswith(".tmp-lock-") and pid.isdigit() and not _alive(int(pid)):
+                os.remove(os.path.join(self.path, name))
 
     def _take_over_if_stale(self):
         try:
@@ -184,6 +191,7 @@ class TrainingRun:
         self.start_step = 0
         self.last_saved = None  # step of the newest checkpoint of this run
         self.step = 0
+        self.bar = None
         self._started = time.perf_counter()
 
     def __enter__(self):
@@ -242,17 +250,25 @@ class TrainingRun:
         return history
 
     def steps(self, desc=None):
-        """The step numbers still to do, 1-based (step k is the k-th update), with a progress bar."""
+        """The step numbers still to do, 1-based (step k is the k-th update), with a progress bar if asked for."""
         total = self.config.steps
-        bar = tqdm(range(self.start_step + 1, total + 1), desc=desc or self.who, disable=not self.progress,
-                   initial=self.start_step, total=total)
-        self.bar = bar
+        steps = range(self.start_step + 1, total + 1)
+        if self.progress:
+            from tqdm.auto import tqdm  # imported only when shown: it costs a command-line run 0.15 s to start
+
+            self.bar = steps = tqdm(steps, desc=desc or self.who, initial=self.start_step, total=total)
         try:
-            for step in bar:
+            for step in steps:
                 self.step = step
                 yield step
         finally:
-            bar.close()
+            if self.bar is not None:
+                self.bar.close()
+
+    def show(self, **values):
+        """Show the latest numbers next to the progress bar."""
+        if self.bar is not None:
+            self.bar.set_postfix(values)
 
     def check_loss(self, step, loss_value):
         """The divergence guard: stop with TrainingDiverged when the loss is NaN or infinite, naming a checkpoint

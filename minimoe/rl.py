@@ -233,8 +233,8 @@ def train_grpo(model, task, config=None, tokenizer=None, out_dir=None, resume_fr
             run.check_loss(step, update["loss"])
             record = record_step(step, model, responses, scores, rewards, update)
             history["steps"].append(record)
-            run.bar.set_postfix(reward=f"{record['reward_mean']:.2f}", acc=f"{record['accuracy']:.2f}",
-                                think=f"{record['thinking_share']:.2f}")
+            run.show(reward=f"{record['reward_mean']:.2f}", acc=f"{record['accuracy']:.2f}",
+                     think=f"{record['thinking_share']:.2f}")
             if on_step:
                 on_step(step, record)
             run.end_step(step, history, **reference_state)
@@ -252,6 +252,8 @@ def reference_policy(model, config, out_dir, resume_from, saved_state):
         state = {"reference": "rl_reference", "reference_sha256": weights_digest(reference)}
     else:
         folder = os.path.dirname(os.path.abspath(str(resume_from)))
+        if not saved_state.get("reference"):
+            raise CheckpointError(f"train_grpo: the run in {folder} saved no reference policy to resume with")
         path = os.path.join(folder, os.path.basename(saved_state["reference"]))  # a name, relative to the run
         reference = load_checkpoint(path, restore_random_state=False)[0].eval()
         state = {"reference": "rl_reference", "reference_sha256": weights_digest(reference)}

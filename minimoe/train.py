@@ -113,7 +113,7 @@ def pretrain(model, task, config=None, tokenizer=None, out_dir=None, resume_from
             record = {"step": step, **record}
             for key, value in record.items():
                 history[key].append(value)
-            run.bar.set_postfix(loss=f"{record['loss']:.3f}")
+            run.show(loss=f"{record['loss']:.3f}")
             if on_step:
                 on_step(step, record)
             if config.eval_every and (step % config.eval_every == 0 or step == config.steps):

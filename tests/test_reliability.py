@@ -403,7 +403,7 @@ def test_grpo_finds_its_reference_in_its_own_run_folder(tmp_path, monkeypatch):
 # a real process, killed
 # --------------------------------------------------------------------------------------------------------------
 
-KILLS = 22
+KILLS = 20
 KILL_RUN = {"model": TINY_RUN["model"],
             "pretrain": {"steps": 60, "batch_size": 4, "warmup_steps": 2, "eval_every": 0, "checkpoint_every": 1}}
 

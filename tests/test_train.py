@@ -1,7 +1,6 @@
 """Pretraining and the checkpoints that make runs lose no work: the loss falls, an interrupted run resumes bit for
 bit, a NaN stops the run with the last good checkpoint intact, and a bad checkpoint is refused clearly."""
 
-import json
 import os
 
 import numpy as np
