@@ -36,7 +36,7 @@ import numpy as np
 from .backend import backend_of, random_state, set_random_state
 from .model import ModelConfig, Transformer
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "checkpoint_files", "remove_temporary_files",
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "read_checkpoint_file", "checkpoint_files", "remove_temporary_files",
            "register_model_class", "weights_digest", "CheckpointError", "NonFiniteCheckpointError", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 2
@@ -179,7 +179,7 @@ def save_checkpoint(path, model, optimizer=None, scheduler=None, state=None):
     remove_temporary_files(path)
     temporary = _write_temporary(folder, os.path.basename(current), data)
     try:
-        _read_file(temporary)  # read back what reached the disk before it replaces anything
+        read_checkpoint_file(temporary)  # read back what reached the disk before it replaces anything
         if os.path.exists(current) and _valid(current):
             if os.path.exists(legacy_json):  # format 1: its metadata goes along, first
                 os.replace(legacy_json, previous_json)
@@ -203,8 +203,9 @@ def save_checkpoint(path, model, optimizer=None, scheduler=None, state=None):
 # reading
 # ---------------------------------------------------------------------------------------------------------------
 
-def _read_file(file):
-    """(meta, arrays) of one format 2 file, or of a format 1 pair; CheckpointError naming the reason if invalid."""
+def read_checkpoint_file(file):
+    """(meta, arrays) of one format 2 file, or of a format 1 pair; CheckpointError naming the reason if invalid.
+    No fallback: `read_checkpoint` is what loading uses."""
     with open(file, "rb") as handle:
         data = handle.read()
     try:
@@ -251,7 +252,7 @@ def _check_format_1(file, data):
 
 def _valid(file):
     try:
-        _read_file(file)
+        read_checkpoint_file(file)
     except CheckpointError:
         return False
     return True
@@ -267,7 +268,7 @@ def read_checkpoint(path):
             refused.append(f"{file} does not exist")
             continue
         try:
-            meta, arrays = _read_file(file)
+            meta, arrays = read_checkpoint_file(file)
         except CheckpointError as error:
             refused.append(str(error))
             continue

@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 
-from .checkpoint import (NonFiniteCheckpointError, checkpoint_files, load_checkpoint, read_checkpoint,
-                         remove_temporary_files, save_checkpoint)
+from .checkpoint import (CheckpointError, NonFiniteCheckpointError, checkpoint_files, load_checkpoint,
+                         read_checkpoint_file, remove_temporary_files, save_checkpoint)
 from .optim import clip_grad_norm_
 
 __all__ = ["TrainingDiverged", "RunFolderError", "RunFolder", "TrainingRun", "optimizer_step", "checkpoint_due"]
@@ -217,8 +217,7 @@ class TrainingRun:
 
     def __exit__(self, kind, error, traceback):
         if kind is KeyboardInterrupt:
-            if self.checkpoint and os.path.exists(self.checkpoint + ".npz"):  # Ctrl-C may land after a save's rename
-                self.last_saved = read_checkpoint(self.checkpoint)[0]["state"].get("step")
+            self.last_saved = self._newest_saved_step()  # from the disk: Ctrl-C may land right after a rename
             print(f"\n{self.who}: interrupted at step {self.step}; {self._where_last_checkpoint()}", file=sys.stderr)
         if self.folder is not None:
             self.folder.release()
@@ -226,7 +225,7 @@ class TrainingRun:
     def _where_last_checkpoint(self):
         if self.checkpoint and self.last_saved is not None:
             return f"the last checkpoint is {self.checkpoint}.npz (step {self.last_saved})"
-        return "no checkpoint was written"
+        return "there is no checkpoint to resume from"
 
     def resume(self, history):
         """`history` (a new run's), or the interrupted run's history with everything restored from its
@@ -242,9 +241,7 @@ class TrainingRun:
             self.start_step, history = state["step"], state["history"]
             self.data_rng.bit_generator.state = state["data_rng"]
             self.saved_state = state
-            same_file = self.checkpoint and \
-                os.path.abspath(checkpoint_files(self.resume_from)[0]) == os.path.abspath(self.checkpoint)
-            self.last_saved = self.start_step if same_file else None
+            self.last_saved = self._newest_saved_step()
         self.step = self.start_step
         self._started = time.perf_counter() - history["seconds"]
         return history
@@ -276,17 +273,40 @@ class TrainingRun:
         if math.isfinite(loss_value):
             return
         note = ""
-        if self.checkpoint and self.last_saved == step - 1:  # the loss came from the newest checkpoint's weights
-            base, current, previous, _ = checkpoint_files(self.checkpoint)
-            os.replace(current, base + ".diverged.npz")
-            note = f" The checkpoint of step {step - 1} gives this loss; it was moved to {base}.diverged.npz."
-            self.last_saved = None
-            if os.path.exists(previous):
-                os.replace(previous, current)
-                self.last_saved = read_checkpoint(current)[0]["state"].get("step")
+        if self.checkpoint and self._set_aside(step - 1):
+            note = (f" The checkpoint of step {step - 1} gives this loss; it was moved to "
+                    f"{self.checkpoint}.diverged.npz.")
         raise TrainingDiverged(f"{self.who}: the loss became {loss_value} at step {step}; stopping "
                                f"({self._where_last_checkpoint()}).{note} Try a lower learning rate or a smaller "
                                "grad_clip.")
+
+    def _step_of(self, file):
+        try:
+            return read_checkpoint_file(file)[0]["state"].get("step")
+        except (CheckpointError, OSError):
+            return None
+
+    def _newest_saved_step(self):
+        """The step of the checkpoint that loading would take now (None: none)."""
+        if self.checkpoint is None:
+            return None
+        _, current, previous, _ = checkpoint_files(self.checkpoint)
+        step = self._step_of(current)
+        return step if step is not None else self._step_of(previous)
+
+    def _set_aside(self, bad_step):
+        """Move the checkpoint holding the weights of `bad_step` (they gave a non-finite loss) to
+        `<name>.diverged.npz`, so that `<name>.npz` is the one before it. Returns whether there was one."""
+        base, current, previous, _ = checkpoint_files(self.checkpoint)
+        found = False
+        for file in (current, previous):
+            if self._step_of(file) == bad_step:
+                os.replace(file, base + ".diverged.npz")
+                found = True
+        if not os.path.exists(current) and os.path.exists(previous):
+            os.replace(previous, current)
+        self.last_saved = self._newest_saved_step()
+        return found
 
     def end_step(self, step, history, **state):
         """Record the wall time, then save a checkpoint if one is due (with `state`, the loop's own keys)."""
