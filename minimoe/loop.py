@@ -125,7 +125,7 @@ class RunFolder:
             return  # released in the meantime: try again
         except (OSError, ValueError):
             owner = -1
-        if owner > 0 and _alive(owner):
+        if owner > 0 and owner != os.getpid() and _alive(owner):  # our own pid, unregistered: a reused pid
             raise RunFolderError(f"run folder {self.path} is in use by process {owner} (lock file {self.lock}); "
                                  "wait for it to finish, or delete the lock file if that process is not a minimoe "
                                  "run")

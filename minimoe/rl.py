@@ -152,7 +152,8 @@ class GRPOConfig:
     """GRPO settings; the defaults are the demo's (16 prompts × 8 responses per step, ~0.3 s a step on 2 cores).
 
     The learning rate decays along a cosine: late in training almost every group scores the same, and a constant
-    rate lets a few noisy updates knock a good policy off its peak."""
+    rate lets a few noisy updates knock a good policy off its peak. checkpoint_every: 0 saves only after the last
+    step (with an out_dir)."""
 
     steps: int = 150
     prompts_per_step: int = 16
