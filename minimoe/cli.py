@@ -95,6 +95,8 @@ def _run_folder(args, out, *names, resume=False):
     """Hold the run folder `out` (checked writable before any work) for the whole command. A folder that holds
     a run already (one of the checkpoints `names`, or a demo's summary) is refused unless --resume continues it
     or --overwrite replaces it; --resume needs a checkpoint to continue."""
+    if resume and args.overwrite:
+        raise SystemExit("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
     try:
         folder = RunFolder(out)
         folder.acquire()

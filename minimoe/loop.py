@@ -195,6 +195,9 @@ class TrainingRun:
         self._started = time.perf_counter()
 
     def __enter__(self):
+        if self.resume_from is not None and self.overwrite:
+            raise ValueError(f"{self.who}: resume_from and overwrite exclude each other (overwrite would delete the "
+                             "run to be resumed)")
         if self.folder is None:
             return self
         self.folder.acquire()

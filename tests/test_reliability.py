@@ -303,6 +303,12 @@ def test_a_run_folder_is_not_clobbered(tmp_path, capsys):
     assert (tmp_path / "run" / "pretrain_last.npz").read_bytes() == before
     with pytest.raises(RunFolderError, match="already holds a run"):  # the library refuses too
         pretrain(tiny_model(), AdditionTask(3), short_config(), out_dir=out, progress=False)
+    with pytest.raises(SystemExit, match="--resume and --overwrite exclude each other"):
+        main(["train", "--config", config, "--out", out, "--quiet", "--overwrite", "--resume"])
+    with pytest.raises(ValueError, match="resume_from and overwrite exclude each other"):
+        pretrain(tiny_model(), AdditionTask(3), short_config(), out_dir=out, progress=False, overwrite=True,
+                 resume_from=os.path.join(out, "pretrain_last"))
+    assert (tmp_path / "run" / "pretrain_last.npz").read_bytes() == before
     main(["train", "--config", config, "--out", out, "--quiet", "--overwrite", "--seed", "1"])
     assert (tmp_path / "run" / "pretrain_last.npz").read_bytes() != before
     with pytest.raises(SystemExit, match="--resume: .* holds no checkpoint"):
