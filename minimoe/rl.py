@@ -226,7 +226,7 @@ def train_grpo(model, task, config=None, tokenizer=None, out_dir=None, resume_fr
         reference, reference_state = reference_policy(model, config, out_dir, resume_from, run.saved_state)
         model.eval()
         for step in run.steps("grpo"):
-            problems, responses = rollout(model, task, tokenizer, config, run.data_rng)
+            responses = rollout(model, task, tokenizer, config, run.data_rng)
             scores, rewards = compute_rewards(task, responses, config)
             advantages = group_advantages(get_backend().asarray(rewards), config.scale_rewards).reshape(-1)  # (B,)
             update = policy_update(model, optimizer, scheduler, reference, responses, advantages, tokenizer, config)
@@ -277,11 +277,10 @@ def _frozen_copy(model):
 
 def rollout(model, task, tokenizer, config, data_rng):
     """Sample `prompts_per_step` training problems and a group of `group_size` responses to each from the
-    current policy (rows grouped by problem). Returns (problems, Responses)."""
+    current policy. Returns the Responses (rows grouped by problem: `responses.problems`)."""
     problems = task.sample(data_rng, config.prompts_per_step, split="train")
-    responses = sample_responses(model, problems, tokenizer, config.group_size, config.max_new_tokens,
-                                 temperature=config.temperature)
-    return problems, responses
+    return sample_responses(model, problems, tokenizer, config.group_size, config.max_new_tokens,
+                            temperature=config.temperature)
 
 
 def compute_rewards(task, responses, config):
