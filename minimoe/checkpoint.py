@@ -225,6 +225,9 @@ def read_checkpoint_file(file):
         if meta.get("format") != FORMAT_VERSION:
             raise CheckpointError(f"{file}: format {meta.get('format')!r}; this minimoe reads formats 1 and "
                                   f"{FORMAT_VERSION}")
+    missing = sorted({"model_config", "random_state", "state"} - set(meta))
+    if missing:
+        raise CheckpointError(f"{file}: the metadata lacks {', '.join(missing)}")
     bad = _non_finite(arrays)
     if bad:
         raise NonFiniteCheckpointError(f"{file}: non-finite values (NaN or inf) in {', '.join(bad[:5])}")
@@ -242,8 +245,8 @@ def _check_format_1(file, data):
             meta = json.load(handle)
         except json.JSONDecodeError as error:
             raise CheckpointError(f"{json_file}: not valid JSON ({error})") from None
-    if meta.get("format") != 1 or "model_config" not in meta:
-        raise CheckpointError(f"{json_file}: not a format 1 checkpoint (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != 1:
+        raise CheckpointError(f"{json_file}: not a format 1 checkpoint")
     if hashlib.sha256(data).hexdigest() != meta.get("arrays_sha256"):
         raise CheckpointError(f"{file} does not match {json_file} (SHA-256 differs): the pair was not written "
                               "together, or a file was changed or truncated")

@@ -197,6 +197,10 @@ def test_a_format_1_checkpoint_still_loads_and_is_replaced_by_format_2(tmp_path)
     with pytest.raises(CheckpointError, match="does not match .*old.json"):
         load_checkpoint(tmp_path / "old")
     (tmp_path / "old.npz").write_bytes(data)
+    (tmp_path / "old.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "model_config"}))
+    with pytest.raises(CheckpointError, match="old.npz: the metadata lacks model_config"):  # was a KeyError
+        load_checkpoint(tmp_path / "old")
+    (tmp_path / "old.json").write_text(json.dumps(meta))
     save_checkpoint(tmp_path / "old", restored, state={"step": 8})
     assert load_checkpoint(tmp_path / "old")[1] == {"step": 8}
     assert sorted(os.listdir(tmp_path)) == ["old.npz", "old.prev.json", "old.prev.npz"]
