@@ -460,9 +460,11 @@ def test_a_run_killed_at_random_moments_resumes_to_the_same_result(tmp_path):
     kills = 0
     while kills < KILLS:
         start = _identity(checkpoint)
-        process = _train(config, out, *(["--resume"] if start else []))
+        started = start or (out / "pretrain_last.prev.npz").exists()  # a kill between the two renames
+        process = _train(config, out, *(["--resume"] if started else []))
         _wait_for_progress(process, checkpoint, start)
-        if process.poll() is not None:
+        if process.poll() is not None:  # it finished before it could be killed
+            assert process.returncode == 0, process.communicate()[1].decode()
             break
         time.sleep(rng.uniform(0, 0.02))
         process.send_signal(signal.SIGKILL)
