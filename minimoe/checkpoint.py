@@ -180,7 +180,7 @@ def save_checkpoint(path, model, optimizer=None, scheduler=None, state=None):
     temporary = _write_temporary(folder, os.path.basename(current), data)
     try:
         read_checkpoint_file(temporary)  # read back what reached the disk before it replaces anything
-        if os.path.exists(current) and _valid(current):
+        if os.path.exists(current) and _valid(current):  # a damaged file never pushes out a good previous one
             if os.path.exists(legacy_json):  # format 1: its metadata goes along, first
                 os.replace(legacy_json, previous_json)
             elif os.path.exists(previous_json):

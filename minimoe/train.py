@@ -22,7 +22,7 @@ from .loop import TrainingDiverged, TrainingRun, optimizer_step
 from .optim import AdamW, WarmupCosine
 from .tasks import DEFAULT_MIX, Tokenizer, build_corpus
 
-__all__ = ["PretrainConfig", "TrainingDiverged", "pretrain", "lm_batch", "lm_loss", "optimizer_step"]
+__all__ = ["PretrainConfig", "TrainingDiverged", "pretrain", "pretrain_step", "lm_batch", "lm_loss", "optimizer_step"]
 
 IGNORE = -100  # target id the loss skips (prompt positions, padding)
 
