@@ -168,13 +168,13 @@ def _load_model(path, config, tokenizer):
     return model, state
 
 
-def _check_lengths(model, task, tokenizer, max_new_tokens, where):
+def _check_lengths(model_config, task, tokenizer, max_new_tokens, where):
     """Prompt plus response must fit the model's context: found here, not after pretraining."""
     problems = task.sample(numpy.random.default_rng(0), 64, split="test")
     longest = max(len(tokenizer.encode("<bos>" + p.prompt)) for p in problems)
-    if longest + max_new_tokens > model.config.max_seq_len:
+    if longest + max_new_tokens > model_config.max_seq_len:
         raise ConfigError(f"{where}: max_new_tokens={max_new_tokens} plus the task's prompts (up to {longest} "
-                          f"tokens) exceed the model's max_seq_len={model.config.max_seq_len}")
+                          f"tokens) exceed the model's max_seq_len={model_config.max_seq_len}")
 
 
 def _table(before, after):
@@ -197,13 +197,13 @@ def _samples(model, task, tokenizer, n=6, seed=99):
 def command_demo(args):
     started = time.perf_counter()
     config, task, tokenizer = _setup(args)
-    out = args.out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
-    os.makedirs(out, exist_ok=True)
     model_config, pretrain_config = config["model_config"], config["pretrain_config"]
     grpo_config, evaluation = config["grpo_config"], config["eval_settings"]
+    for max_new_tokens, section in ((evaluation["max_new_tokens"], "eval"), (grpo_config.max_new_tokens, "grpo")):
+        _check_lengths(model_config, task, tokenizer, max_new_tokens, f'{config["source"]}, section "{section}"')
+    out = args.out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
+    os.makedirs(out, exist_ok=True)
     model = Transformer(model_config)
-    _check_lengths(model, task, tokenizer, evaluation["max_new_tokens"], f'{config["source"]}, section "eval"')
-    _check_lengths(model, task, tokenizer, grpo_config.max_new_tokens, f'{config["source"]}, section "grpo"')
     counts = model.parameter_counts()
     print(f"minimoe demo: {counts['total']:,} parameters ({counts['activated']:,} active per token), "
           f"task {config['task']}, backend {args.backend}, seed {args.seed}, run folder {out}")
@@ -263,7 +263,7 @@ def command_rl(args):
     out = args.out or os.path.join("runs", time.strftime("rl-%Y%m%d-%H%M%S"))
     model = _load_model(args.checkpoint, config, tokenizer)[0]
     grpo_config = config["grpo_config"]
-    _check_lengths(model, task, tokenizer, grpo_config.max_new_tokens, f'{config["source"]}, section "grpo"')
+    _check_lengths(model.config, task, tokenizer, grpo_config.max_new_tokens, f'{config["source"]}, section "grpo"')
     resume = os.path.join(out, "rl_last") if args.resume else None
     if resume:
         _refuse_differences(f"the run in {out}", grpo_config.to_dict(),
@@ -280,7 +280,7 @@ def command_eval(args):
     config, task, tokenizer = _setup(args)
     model = _load_model(args.checkpoint, config, tokenizer)[0]
     settings = config["eval_settings"]
-    _check_lengths(model, task, tokenizer, settings["max_new_tokens"], f'{config["source"]}, section "eval"')
+    _check_lengths(model.config, task, tokenizer, settings["max_new_tokens"], f'{config["source"]}, section "eval"')
     result = evaluate(model, task, tokenizer, **settings)
     print(json.dumps(result, indent=1))
     if args.out:

@@ -156,6 +156,7 @@ class Transformer(Module):
 
     def __init__(self, config):
         super().__init__()
+        config.validate()  # again: a field may have been changed since the config was built
         self.config = config
         self.embed = Embedding(config.vocab_size, config.dim)
         self.layers = ModuleList([Block(i, config) for i in range(config.n_layers)])
