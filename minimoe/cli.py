@@ -106,15 +106,17 @@ def _setup(args):
     config = _load_config(args.config)
     task, tokenizer = TASKS[config["task"]](), Tokenizer()
     problems = []  # every bad section at once, not one per run
-    for key, build in (("model_config", lambda: _section(config, "model", ModelConfig,
-                                                           vocab_size=tokenizer.vocab_size)),
-                       ("pretrain_config", lambda: _section(config, "pretrain", PretrainConfig, seed=args.seed)),
-                       ("grpo_config", lambda: _section(config, "grpo", GRPOConfig, seed=args.seed)),
-                       ("eval_settings", lambda: _eval_settings(config, task))):
+    defaults = {"model": {"vocab_size": tokenizer.vocab_size}, "pretrain": {"seed": args.seed},
+                "grpo": {"seed": args.seed}}
+    for name, cls in (("model", ModelConfig), ("pretrain", PretrainConfig), ("grpo", GRPOConfig)):
         try:
-            config[key] = build()
+            config[f"{name}_config"] = _section(config, name, cls, **defaults[name])
         except ConfigError as error:
             problems.append(str(error))
+    try:
+        config["eval_settings"] = _eval_settings(config, task)
+    except ConfigError as error:
+        problems.append(str(error))
     if "model_config" in config and config["model_config"].vocab_size < tokenizer.vocab_size:
         problems.append(f'{config["source"]}, section "model": vocab_size={config["model_config"].vocab_size} '
                         f"is smaller than the tokenizer's {tokenizer.vocab_size} tokens")
@@ -321,7 +323,6 @@ def _number(kind, minimum):
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{text} must be ≥ {minimum}")
         return value
-    parse.__name__ = kind.__name__  # argparse names the type in some messages
     return parse
 
 
@@ -346,13 +347,16 @@ def build_parser():
     for name in ("demo", "train", "rl"):
         sub[name].add_argument("--out", help="run folder (checkpoints, plots, summary)")
         sub[name].add_argument("--quiet", action="store_true", help="no progress bars")
+        sub[name].add_argument("--overwrite", action="store_true",
+                               help="replace the run that --out holds (refused without it)")
+        sub[name].set_defaults(resume=False, checkpoint=None)  # shared code may read them on any training command
     for name in ("train", "rl"):
         sub[name].add_argument("--resume", action="store_true", help="continue the run in --out")
     sub["train"].add_argument("--checkpoint", help="start a new run from this checkpoint's weights (a fresh "
                                                    "optimizer and schedule); not with --resume")
     for name in ("rl", "eval", "generate"):
         sub[name].add_argument("--checkpoint", required=True,
-                               help="a checkpoint path without .npz/.json" + (" (a pretrained model)" * (name == "rl")))
+                               help="a checkpoint path" + (" (a pretrained model)" * (name == "rl")))
     sub["eval"].add_argument("--out", help="folder for eval.json")
     sub["generate"].add_argument("--prompt", required=True, help="the prompt, e.g. 347+589=")
     sub["generate"].add_argument("--n", type=_number(int, 1), default=4, help="number of samples (≥ 1)")
@@ -363,18 +367,17 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "resume", False) and getattr(args, "checkpoint", None) and args.command == "train":
+    if args.command == "train" and args.resume and args.checkpoint:
         parser.error("train: --checkpoint starts a new run from a model, --resume continues the run in --out; "
                      "give one of them")
     try:
         return COMMANDS[args.command](args)
-    except ERRORS as error:
-        if args.debug:
+    except (*ERRORS, SystemExit) as error:  # SystemExit("message"): a command that stops with a message
+        message = error.code if isinstance(error, SystemExit) else str(error) or type(error).__name__
+        if args.debug or not isinstance(message, str):  # SystemExit(130) and the like pass through
             raise
-        message = " ".join(str(error).splitlines()) or type(error).__name__
-        print(f"minimoe: error: {message}", file=sys.stderr)
+        print(f"minimoe: error: {' '.join(message.splitlines())}", file=sys.stderr)
         raise SystemExit(2) from None
-
 
 if __name__ == "__main__":
     main()

@@ -272,6 +272,19 @@ def test_generate_checks_its_prompt_before_loading_anything(capsys):
     assert "--prompt '1+2=?': Tokenizer.encode: character '?'" in message
 
 
+def test_a_command_that_stops_with_a_message_reports_it_the_same_way(monkeypatch, capsys):
+    def stops(args):
+        raise SystemExit("--out runs/x already holds a run\n(continue it with --resume)")
+
+    monkeypatch.setitem(cli.COMMANDS, "eval", stops)
+    assert fails(["eval", "--checkpoint", "x"], capsys) == \
+        "minimoe: error: --out runs/x already holds a run (continue it with --resume)\n"
+    monkeypatch.setitem(cli.COMMANDS, "eval", lambda args: sys.exit(130))  # an exit status passes through
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["eval", "--checkpoint", "x"])
+    assert exit.value.code == 130
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the command line, as a user runs it
 
@@ -290,3 +303,4 @@ def test_a_library_error_is_one_line_with_exit_status_2_and_debug_keeps_the_trac
     result = run_cli("eval", "--checkpoint", str(tmp_path / "missing"), "--debug", cwd=tmp_path)
     assert result.returncode == 1 and "Traceback (most recent call last)" in result.stderr
     assert "CheckpointError" in result.stderr
+
