@@ -74,7 +74,7 @@ def _load_config(path):
         raise ConfigError(f"{where}: {error}") from None
     if not isinstance(overrides, dict):
         raise ConfigError(f"{where}: expected a JSON object of sections ({', '.join(SECTIONS)}), got "
-                          f"{JSON_TYPES.get(type(overrides), type(overrides).__name__)}")
+                          f"{JSON_TYPES[type(overrides)]}")
     unknown = sorted(set(overrides) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {unknown}; the sections are {list(SECTIONS)}")
@@ -83,8 +83,7 @@ def _load_config(path):
             if not isinstance(value, str) or value not in TASKS:
                 raise ConfigError(f'{where}: "task" must be one of {sorted(TASKS)}, got {value!r}')
         elif not isinstance(value, dict):
-            raise ConfigError(f'{where}: section "{key}" must be an object of fields, got '
-                              f"{JSON_TYPES.get(type(value), type(value).__name__)} {json.dumps(value)}")
+            raise ConfigError(f'{where}: section "{key}" must be an object of fields, got {json.dumps(value)}')
         config[key] = value
     return config
 

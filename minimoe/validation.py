@@ -2,11 +2,12 @@
 with one message that names the section, each bad field, its value and what was expected.
 
     check = Checks("PretrainConfig", config)
-    check.integer("batch_size", minimum=1)          # True is not an integer, nor is "64" or 64.0
-    check.real("lr", above=0)                       # an int is a fine real; NaN and ±inf are not
-    if check.ok("lr", "min_lr"):                    # consistency, once both fields are valid
-        check.require(config.min_lr <= config.lr, f"min_lr={config.min_lr} must be ≤ lr={config.lr}")
-    check.done()                                    # ConfigError listing every problem found
+    check.integer("batch_size", minimum=1)     # True is not an integer, nor is "64" or 64.0
+    check.real("lr", above=0)                  # an int is a fine real; NaN and ±inf are not
+    check.real("min_lr", minimum=0)
+    if check.ok("lr", "min_lr") and config.min_lr > config.lr:  # consistency, once both fields are valid
+        check.fail("min_lr", f"min_lr={config.min_lr} must be ≤ lr={config.lr}")
+    check.done()                               # ConfigError listing every problem found
 
 The configuration dataclasses (ModelConfig, PretrainConfig, GRPOConfig) derive from `Config`: they validate
 themselves on construction and `from_dict` refuses unknown keys, listing the known ones.
@@ -57,6 +58,7 @@ class Checks:
         return self.values[name] if isinstance(self.values, Mapping) else getattr(self.values, name)
 
     def fail(self, name, message):
+        """Record a problem with field `name` (message: "name=value must be …")."""
         self.bad.add(name)
         self.problems.append(message)
         return False
@@ -94,9 +96,6 @@ class Checks:
         value = self[name]
         return (isinstance(value, str) and value in options) or \
             self.fail(name, f"{name}={value!r} must be one of {', '.join(map(repr, options))}")
-
-    def require(self, condition, message, name=None):
-        return condition or self.fail(name, message)
 
     def done(self):
         if self.problems:

@@ -194,7 +194,7 @@ def test_every_flag_is_checked_by_the_parser(argv, expected, capsys):
     ('{"pretrain": {\n  "steps": 3,\n}}', "not valid JSON at line 3, column 1"),
     ("[1, 2, 3]", "expected a JSON object of sections (model, pretrain, grpo, eval, task), got an array"),
     ({"modle": {}}, "unknown section(s) ['modle']; the sections are ['model', 'pretrain', 'grpo', 'eval', 'task']"),
-    ({"model": [1]}, 'section "model" must be an object of fields, got an array [1]'),
+    ({"model": [1]}, 'section "model" must be an object of fields, got [1]'),
     ({"task": "addition5"}, "\"task\" must be one of ['addition3', 'addition4', 'countdown'], got 'addition5'"),
     ('{"pretrain": {"steps": 3, "steps": 4}}', "key(s) ['steps'] appear more than once"),
     ({"model": {"dim": "64"}}, 'section "model": ModelConfig: dim=\'64\' must be an integer (got str)'),
