@@ -28,7 +28,7 @@ from .evaluate import check_evaluation, evaluate, sample_responses
 from .model import ModelConfig, Transformer
 from .plots import plot_expert_load, plot_pretraining, plot_rl
 from .rl import GRPOConfig, train_grpo
-from .tasks import AdditionTask, CountdownTask, Problem, Tokenizer
+from .tasks import AdditionTask, CountdownTask, Problem, Tokenizer, build_corpus
 from .train import PretrainConfig, TrainingDiverged, pretrain
 from .validation import ConfigError
 
@@ -170,12 +170,22 @@ def _load_model(path, config, tokenizer):
 
 
 def _check_lengths(model_config, task, tokenizer, max_new_tokens, where):
-    """Prompt plus response must fit the model's context: found here, not after pretraining."""
+    """Prompt plus response must fit the model's context: found here, not after pretraining. (From a sample
+    of the task's prompts: a bound, not a proof; generate() still refuses a sequence that does not fit.)"""
     problems = task.sample(numpy.random.default_rng(0), 64, split="test")
     longest = max(len(tokenizer.encode("<bos>" + p.prompt)) for p in problems)
     if longest + max_new_tokens > model_config.max_seq_len:
         raise ConfigError(f"{where}: max_new_tokens={max_new_tokens} plus the task's prompts (up to {longest} "
                           f"tokens) exceed the model's max_seq_len={model_config.max_seq_len}")
+
+
+def _check_corpus_length(model_config, task, tokenizer, pretrain_config, where):
+    """The pretraining texts must fit the model's context (the inputs are a text less its last token)."""
+    corpus = build_corpus(task, 256, numpy.random.default_rng(0), pretrain_config.mix)
+    longest = int(corpus.encode(tokenizer).lengths.max()) - 1
+    if longest > model_config.max_seq_len:
+        raise ConfigError(f"{where}: the task's pretraining texts reach {longest} input tokens (in a sample of 256), "
+                          f"more than the model's max_seq_len={model_config.max_seq_len}")
 
 
 def _table(before, after):
@@ -202,6 +212,7 @@ def command_demo(args):
     grpo_config, evaluation = config["grpo_config"], config["eval_settings"]
     for max_new_tokens, section in ((evaluation["max_new_tokens"], "eval"), (grpo_config.max_new_tokens, "grpo")):
         _check_lengths(model_config, task, tokenizer, max_new_tokens, f'{config["source"]}, section "{section}"')
+    _check_corpus_length(model_config, task, tokenizer, pretrain_config, f'{config["source"]}, section "model"')
     out = args.out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
     model = Transformer(model_config)
@@ -253,6 +264,7 @@ def command_train(args):
         model = _load_model(args.checkpoint, config, tokenizer)[0]
     else:
         model = Transformer(config["model_config"])
+    _check_corpus_length(model.config, task, tokenizer, pretrain_config, f'{config["source"]}, section "model"')
     history = pretrain(model, task, pretrain_config, tokenizer, out_dir=out, resume_from=resume,
                        progress=not args.quiet)
     plot_pretraining(history, os.path.join(out, "pretraining.png"))

@@ -226,12 +226,16 @@ def test_every_bad_section_is_reported_at_once(tmp_path, capsys):
     assert all(part in message for part in ("batch_size=0", "epsilon_high=-5", "k=99 must be ≤ n_samples=16"))
 
 
-def test_demo_checks_its_eval_settings_before_pretraining(tmp_path, capsys):
-    for bad in ({"k": 99}, {"max_new_tokens": 60}):  # k > n_samples; 60 tokens + the prompt > max_seq_len 64
+def test_demo_checks_its_eval_settings_and_lengths_before_pretraining(tmp_path, capsys):
+    for section, bad in (("eval", {"k": 99}),  # k > n_samples
+                         ("eval", {"max_new_tokens": 60}),  # 60 tokens + the prompt > max_seq_len 64
+                         ("model", {"max_seq_len": 32})):  # worked solutions are longer
         path = write(tmp_path, "bad.json", {**TINY, "pretrain": {**TINY["pretrain"], "steps": 10_000},
-                                            "eval": {**TINY["eval"], **bad}})
+                                            section: {**TINY[section], **bad}})
         message = fails(["demo", "--config", path, "--out", str(tmp_path / "demo"), "--quiet"], capsys)
-        assert 'section "eval"' in message and not (tmp_path / "demo").exists()  # no step was taken
+        assert f'section "{section}"' in message and not (tmp_path / "demo").exists()  # no step was taken
+    message = fails(["train", "--config", path, "--out", str(tmp_path / "train"), "--quiet"], capsys)
+    assert "reach 41 input tokens (in a sample of 256), more than the model's max_seq_len=32" in message
 
 
 def test_train_checkpoint_starts_a_new_run_from_that_model(tmp_path, checkpoint, monkeypatch):
