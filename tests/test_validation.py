@@ -2,6 +2,7 @@
 the field, the value and what was expected: the configuration dataclasses, the evaluation and sampling settings,
 and the command line (whose errors are one line, `minimoe: error: …`, exit status 2)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -75,6 +76,22 @@ def test_every_problem_is_reported_at_once_and_good_values_of_other_types_pass()
     assert ModelConfig(dim=np.int64(32), dropout=np.float32(0.1)).dim == 32  # NumPy scalars too
     with pytest.raises(ConfigError, match="n_activated_experts=3 experts cannot be found in n_limited_groups=1"):
         ModelConfig(n_routed_experts=8, n_expert_groups=4, n_limited_groups=1, n_activated_experts=3)
+
+
+HOSTILE = [None, True, "64", "", 1.5, 0, -1, 10**30, math.nan, -math.inf, [], {}, np.int64(3), np.float32(0.5)]
+
+
+@pytest.mark.parametrize("cls", [ModelConfig, PretrainConfig, GRPOConfig])
+def test_any_value_in_any_field_is_accepted_or_refused_with_a_config_error(cls):
+    """Never a TypeError or a crash later: every field's value is either valid or named in a ConfigError."""
+    for field in dataclasses.fields(cls):
+        for value in HOSTILE:
+            try:
+                config = cls(**{field.name: value})
+            except ConfigError as error:
+                assert f"{field.name}=" in str(error), (field.name, value, str(error))
+            else:
+                assert getattr(config, field.name) is value
 
 
 def test_from_dict_refuses_unknown_keys_and_non_dicts_and_fills_missing_keys_with_defaults():
