@@ -184,7 +184,7 @@ class GRPOConfig(Config):
             check.integer(name, minimum=1)
         check.integer("group_size", minimum=2)  # the group is its own baseline: one response has nothing to beat
         check.integer("mu", minimum=1)
-        for name in ("warmup_steps", "checkpoint_every", "seed"):  # checkpoint_every 0: no checkpoints
+        for name in ("warmup_steps", "checkpoint_every", "seed"):
             check.integer(name, minimum=0)
         check.real("lr", above=0)
         check.real("temperature", above=0)

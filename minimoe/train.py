@@ -57,7 +57,7 @@ class PretrainConfig(Config):
         check = Checks("PretrainConfig", self)
         for name in ("steps", "batch_size", "eval_batch_size"):
             check.integer(name, minimum=1)
-        for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):  # 0: no evals, no checkpoints
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):  # eval_every 0: no evaluation
             check.integer(name, minimum=0)
         check.real("lr", above=0)
         check.real("min_lr", minimum=0)
