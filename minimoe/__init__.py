@@ -17,5 +17,6 @@ from .backend import (BackendUnavailableError, available_backends, get_array_mod
 from . import functional  # noqa: E402  (attaches the operators to Tensor)
 from . import nn, optim  # noqa: E402
 from .gradcheck import GradcheckError, gradcheck  # noqa: E402
+from .validation import ConfigError  # noqa: E402
 
 __version__ = "0.1.0"

@@ -12,8 +12,9 @@ from .generate import sample_responses
 from .metrics import pass_at_k
 from .rewards import is_truncated, thinks_first
 from .tasks import Tokenizer
+from .validation import Checks
 
-__all__ = ["evaluate", "score_responses"]
+__all__ = ["evaluate", "score_responses", "check_evaluation"]
 
 
 def score_responses(task, responses, accuracy_weight=1.0, format_weight=0.1):
@@ -27,14 +28,25 @@ def score_responses(task, responses, accuracy_weight=1.0, format_weight=0.1):
             "truncated": np.array([is_truncated(t) for t in responses.texts], dtype=float)}
 
 
+def check_evaluation(who="evaluate", n_problems=200, n_samples=16, k=8, temperature=1.0, max_new_tokens=40):
+    """Refuse evaluation settings that cannot work, before any sampling (the CLI calls it before training)."""
+    check = Checks(who, {"n_problems": n_problems, "n_samples": n_samples, "k": k, "temperature": temperature,
+                         "max_new_tokens": max_new_tokens})
+    for name in ("n_problems", "n_samples", "max_new_tokens"):
+        check.integer(name, minimum=1)
+    if check.integer("k", minimum=1) and check.ok("n_samples") and k > n_samples:
+        check.fail("k", f"k={k} must be ≤ n_samples={n_samples} (pass@k picks k of the n samples)")
+    check.real("temperature", above=0)
+    check.done()
+
+
 def evaluate(model, task, tokenizer=None, n_problems=200, n_samples=16, k=8, temperature=1.0, max_new_tokens=40,
              split="test", seed=1234, generator=None):
     """Held-out metrics before/after training:
     accuracy (greedy), pass_at_1 and pass_at_k (from n_samples ≥ k samples per problem at `temperature`),
     mean_length (sampled response tokens incl. EOS), thinking_share and format_rate (of sampled responses),
     truncated_share, and the greedy response's mean length and thinking share. Same seed, same problems."""
-    if not 1 <= k <= n_samples:
-        raise ValueError(f"evaluate: need 1 ≤ k ≤ n_samples, got k={k}, n_samples={n_samples}")
+    check_evaluation("evaluate", n_problems, n_samples, k, temperature, max_new_tokens)
     tokenizer = tokenizer or Tokenizer()
     problems = task.sample(np.random.default_rng(seed), n_problems, split=split)
     greedy = sample_responses(model, problems, tokenizer, 1, max_new_tokens, greedy=True)

@@ -14,8 +14,10 @@ import numpy as np
 from .autograd import Tensor, no_grad
 from .backend import backend_of, device_rng, get_array_module, get_backend
 from .tasks import Tokenizer
+from .validation import Checks, is_real
 
-__all__ = ["Generation", "generate", "sample_next", "filter_logits", "Responses", "sample_responses"]
+__all__ = ["Generation", "generate", "sample_next", "filter_logits", "check_sampling", "Responses",
+           "sample_responses"]
 
 
 @dataclass
@@ -62,14 +64,27 @@ def _softmax(logits):
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def check_sampling(who, temperature=1.0, top_k=None, top_p=None, greedy=False, max_new_tokens=0):
+    """Refuse sampling settings that cannot work (a NaN or negative temperature, top_k < 1, top_p outside
+    (0, 1], a negative or fractional max_new_tokens) before any token is drawn."""
+    check = Checks(who, {"temperature": temperature, "top_k": top_k, "top_p": top_p, "greedy": greedy,
+                         "max_new_tokens": max_new_tokens})
+    if check.flag("greedy") and not greedy and not (is_real(temperature) and temperature > 0):
+        check.fail("temperature", f"temperature={temperature!r} must be a finite number > 0 (use greedy=True for "
+                                  "argmax)")
+    check.integer("top_k", minimum=1, optional=True)
+    check.real("top_p", above=0, maximum=1, optional=True)
+    check.integer("max_new_tokens", minimum=0)
+    check.done()
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
     """One token id per row of logits (B, V): argmax when greedy, else a draw from softmax(logits / T)
     restricted by top_k / top_p (inverse-CDF sampling with one uniform number per row)."""
+    check_sampling("sample_next", temperature, top_k, top_p, greedy)
     xp = get_array_module(logits)
     if greedy:
         return logits.argmax(axis=-1)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
     probabilities = _softmax(filter_logits(logits / temperature, top_k, top_p))
     cdf = xp.cumsum(probabilities, axis=-1)  # (B, V)
     generator = generator or device_rng(backend_of(logits))
@@ -84,6 +99,7 @@ def generate(model, prompt_ids, max_new_tokens, eos_id, pad_id, temperature=1.0,
     to `max_new_tokens` tokens. Runs in eval mode (no dropout, deterministic routing) and restores the mode.
 
     Stopping early when every sequence has finished costs one boolean read from the device per step."""
+    check_sampling("generate", temperature, top_k, top_p, greedy, max_new_tokens)
     prompt_ids = prompt_ids.data if isinstance(prompt_ids, Tensor) else prompt_ids
     xp = get_array_module(prompt_ids)
     batch, prompt_length = prompt_ids.shape

@@ -25,7 +25,6 @@ With one gradient step per batch (μ = 1), π_old = π_θ, so ρ = 1 exactly and
 gradient is not: ∇ρ = ρ ∇log π_θ. Groups whose rewards are all equal have A = 0 and teach nothing.
 """
 
-import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -38,6 +37,7 @@ from .generate import sample_responses
 from .loop import TrainingRun, optimizer_step
 from .optim import AdamW, WarmupCosine
 from .tasks import Tokenizer
+from .validation import Checks, Config
 
 __all__ = ["GRPOConfig", "train_grpo", "rollout", "compute_rewards", "policy_update", "record_step",
            "reference_policy", "group_advantages", "token_logprobs", "policy_loss", "policy_entropy",
@@ -148,7 +148,7 @@ def policy_entropy(logits, mask):
 # ==============================================================================================================
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(Config):
     """GRPO settings; the defaults are the demo's (16 prompts × 8 responses per step, ~0.3 s a step on 2 cores).
 
     The learning rate decays along a cosine: late in training almost every group scores the same, and a constant
@@ -177,23 +177,31 @@ class GRPOConfig:
     checkpoint_every: int = 50
     seed: int = 0
 
-    def __post_init__(self):
-        problems = []
-        if self.loss_type not in LOSS_TYPES:
-            problems.append(f"loss_type={self.loss_type!r} must be one of {LOSS_TYPES}")
-        if self.scale_rewards not in SCALE_REWARDS:
-            problems.append(f"scale_rewards={self.scale_rewards!r} must be one of {SCALE_REWARDS}")
-        if self.group_size < 2:
-            problems.append(f"group_size={self.group_size} must be ≥ 2: the group is its own baseline")
-        if self.mu < 1:
-            problems.append(f"mu={self.mu} must be ≥ 1")
-        if self.beta < 0 or self.epsilon < 0:
-            problems.append(f"beta={self.beta} and epsilon={self.epsilon} must be ≥ 0")
-        if problems:
-            raise ValueError("GRPOConfig: " + "; ".join(problems))
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
+    def validate(self):
+        """Raise a ConfigError naming every field that cannot work."""
+        check = Checks("GRPOConfig", self)
+        for name in ("steps", "prompts_per_step", "max_new_tokens"):
+            check.integer(name, minimum=1)
+        check.integer("group_size", minimum=2)  # the group is its own baseline: one response has nothing to beat
+        check.integer("mu", minimum=1)
+        for name in ("warmup_steps", "checkpoint_every", "seed"):
+            check.integer(name, minimum=0)
+        check.real("lr", above=0)
+        check.real("temperature", above=0)
+        check.real("grad_clip", above=0)
+        for name in ("min_lr", "weight_decay", "beta", "accuracy_weight", "format_weight"):
+            check.real(name, minimum=0)
+        check.real("epsilon", minimum=0, below=1)  # the ratio is clipped below at 1 - epsilon > 0
+        check.real("epsilon_high", minimum=0, optional=True)
+        check.choice("loss_type", LOSS_TYPES)
+        check.choice("scale_rewards", SCALE_REWARDS)
+        check.flag("log_kl")
+        if check.ok("lr", "min_lr") and self.min_lr > self.lr:
+            check.fail("min_lr", f"min_lr={self.min_lr} must be ≤ lr={self.lr} (the schedule decays towards it)")
+        if check.ok("steps", "mu", "warmup_steps") and self.warmup_steps > self.steps * self.mu:
+            check.fail("warmup_steps", f"warmup_steps={self.warmup_steps} must be ≤ steps × mu = "
+                                       f"{self.steps * self.mu} (the optimizer steps of the run)")
+        check.done()
 
 
 def train_grpo(model, task, config=None, tokenizer=None, out_dir=None, resume_from=None, progress=True,

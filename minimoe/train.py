@@ -10,7 +10,7 @@ AdamW, linear warm-up then cosine decay, gradient clipping; periodic held-out ev
 run can resume from bit for bit; a NaN/Inf loss stops the run and points at the last good checkpoint.
 """
 
-import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +20,8 @@ from .autograd import no_grad
 from .backend import get_backend
 from .loop import TrainingDiverged, TrainingRun, optimizer_step
 from .optim import AdamW, WarmupCosine
-from .tasks import DEFAULT_MIX, Tokenizer, build_corpus
+from .tasks import DEFAULT_MIX, STYLES, Tokenizer, build_corpus
+from .validation import Checks, Config, is_real
 
 __all__ = ["PretrainConfig", "TrainingDiverged", "pretrain", "pretrain_step", "lm_batch", "lm_loss", "optimizer_step"]
 
@@ -28,7 +29,7 @@ IGNORE = -100  # target id the loss skips (prompt positions, padding)
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(Config):
     """Pretraining settings; the defaults are the demo's (about two minutes on 2 CPU cores).
 
     checkpoint_every -- save every this many steps; 0 saves only after the last step (with an out_dir)"""
@@ -46,8 +47,26 @@ class PretrainConfig:
     checkpoint_every: int = 250
     seed: int = 0
 
-    def to_dict(self):
-        return dataclasses.asdict(self)
+    def validate(self):
+        """Raise a ConfigError naming every field that cannot work."""
+        check = Checks("PretrainConfig", self)
+        for name in ("steps", "batch_size", "eval_batch_size"):
+            check.integer(name, minimum=1)
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):  # eval_every 0: no evaluation
+            check.integer(name, minimum=0)
+        check.real("lr", above=0)
+        check.real("min_lr", minimum=0)
+        check.real("weight_decay", minimum=0)
+        check.real("grad_clip", above=0)
+        if check.ok("lr", "min_lr") and self.min_lr > self.lr:
+            check.fail("min_lr", f"min_lr={self.min_lr} must be ≤ lr={self.lr} (the schedule decays towards it)")
+        if check.ok("steps", "warmup_steps") and self.warmup_steps > self.steps:
+            check.fail("warmup_steps", f"warmup_steps={self.warmup_steps} must be ≤ steps={self.steps}")
+        mix = self.mix
+        if not isinstance(mix, Mapping) or not mix or set(mix) - set(STYLES) or not all(
+                is_real(f) and f >= 0 for f in mix.values()) or abs(sum(mix.values()) - 1) > 1e-9:
+            check.fail("mix", f"mix={mix!r} must map styles among {STYLES} to fractions ≥ 0 that sum to 1")
+        check.done()
 
 
 def lm_batch(corpus, tokenizer, backend=None):
