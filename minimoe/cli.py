@@ -41,7 +41,7 @@ METRICS = [("accuracy", "greedy accuracy"), ("pass_at_1", "pass@1 (T=1)"), ("pas
            ("mean_length", "mean response length"), ("thinking_share", "thinking share")]
 # What the CLI reports as one line (exit status 2): a bad setting, a refused checkpoint, a file it cannot read or
 # write, a diverged run. Anything else is a bug, and keeps its traceback.
-ERRORS = (ValueError, OSError, TrainingDiverged, backend.BackendUnavailableError)
+ERRORS = (ValueError, OSError, TrainingDiverged, RunFolderError, backend.BackendUnavailableError)
 BACKENDS = ("numpy", "cupy", "fakegpu")
 RESUME_FIX = "--resume continues a run as it was started: give it the same --config and --seed, or start a new run"
 JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",

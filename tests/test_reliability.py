@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,8 +31,17 @@ from minimoe.train import PretrainConfig, TrainingDiverged, lm_batch, lm_loss, p
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(vocab_size=26, dim=16, n_layers=1, n_heads=2, n_routed_experts=4, moe_inter_dim=8, max_seq_len=48)
 TINY_RUN = {"model": {k: v for k, v in TINY.items() if k != "vocab_size"},
-            "pretrain": {"steps": 4, "batch_size": 4, "warmup_steps": 1, "eval_every": 0, "checkpoint_every": 1}}
+            "pretrain": {"steps": 4, "batch_size": 4, "warmup_steps": 1, "eval_every": 0, "checkpoint_every": 1},
+            "grpo": {"max_new_tokens": 8}, "eval": {"max_new_tokens": 8}}  # prompts + responses fit max_seq_len
 
+
+def refused(capsys, argv, pattern):
+    """The CLI refuses argv with one line on stderr matching pattern, and exit status 2."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert re.search(pattern, error), error
 
 def tiny_model(seed=0, **overrides):
     minimoe.manual_seed(seed)
@@ -298,32 +308,26 @@ def test_a_run_folder_is_not_clobbered(tmp_path, capsys):
     config, out = write_config(tmp_path, TINY_RUN), str(tmp_path / "run")
     main(["train", "--config", config, "--out", out, "--quiet"])
     before = (tmp_path / "run" / "pretrain_last.npz").read_bytes()
-    with pytest.raises(SystemExit, match="already holds a run.*--resume.*--overwrite"):
-        main(["train", "--config", config, "--out", out, "--quiet"])
-    with pytest.raises(SystemExit, match="already holds a run"):
-        main(["demo", "--config", config, "--out", out, "--quiet"])
-    with pytest.raises(SystemExit, match="demo: --resume is not supported"):
-        main(["demo", "--config", config, "--out", out, "--quiet", "--resume"])
+    refused(capsys, ["train", "--config", config, "--out", out, "--quiet"], "already holds a run.*--resume.*--overwrite")
+    refused(capsys, ["demo", "--config", config, "--out", out, "--quiet"], "already holds a run")
+    refused(capsys, ["demo", "--config", config, "--out", out, "--quiet", "--resume"], "unrecognized arguments: --resume")
     assert (tmp_path / "run" / "pretrain_last.npz").read_bytes() == before
     with pytest.raises(RunFolderError, match="already holds a run"):  # the library refuses too
         pretrain(tiny_model(), AdditionTask(3), short_config(), out_dir=out, progress=False)
-    with pytest.raises(SystemExit, match="--resume and --overwrite exclude each other"):
-        main(["train", "--config", config, "--out", out, "--quiet", "--overwrite", "--resume"])
+    refused(capsys, ["train", "--config", config, "--out", out, "--quiet", "--overwrite", "--resume"], "--resume and --overwrite exclude each other")
     with pytest.raises(ValueError, match="resume_from and overwrite exclude each other"):
         pretrain(tiny_model(), AdditionTask(3), short_config(), out_dir=out, progress=False, overwrite=True,
                  resume_from=os.path.join(out, "pretrain_last"))
     assert (tmp_path / "run" / "pretrain_last.npz").read_bytes() == before
     main(["train", "--config", config, "--out", out, "--quiet", "--overwrite", "--seed", "1"])
     assert (tmp_path / "run" / "pretrain_last.npz").read_bytes() != before
-    with pytest.raises(SystemExit, match="--resume: .* holds no checkpoint"):
-        main(["train", "--config", config, "--out", str(tmp_path / "empty"), "--quiet", "--resume"])
+    refused(capsys, ["train", "--config", config, "--out", str(tmp_path / "empty"), "--quiet", "--resume"], "--resume: .* holds no checkpoint")
 
 
-def test_an_unwritable_out_is_refused_before_any_training(tmp_path):
+def test_an_unwritable_out_is_refused_before_any_training(tmp_path, capsys):
     (tmp_path / "file").write_text("not a folder")
     started = time.perf_counter()
-    with pytest.raises(SystemExit, match="cannot write there"):
-        main(["train", "--config", write_config(tmp_path, TINY_RUN), "--out", str(tmp_path / "file" / "run")])
+    refused(capsys, ["train", "--config", write_config(tmp_path, TINY_RUN), "--out", str(tmp_path / "file" / "run")], "cannot write there")
     with pytest.raises(RunFolderError, match="cannot write there"):
         pretrain(tiny_model(), AdditionTask(3), short_config(), out_dir=str(tmp_path / "file" / "run"),
                  progress=False)
