@@ -1,0 +1,85 @@
+"""Expert parallelism (minimoe.distributed): the checks in tests/distributed_worker.py run under
+`mpiexec -n W` for W = 1, 2, 4 (oversubscribed on a small machine), each rank comparing its part of the
+expert-parallel answer with the single-process layer on the whole batch in float64. Any rank's failure aborts
+the job with that rank's message, which this test shows; a timeout catches a hang."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import minimoe
+from minimoe import distributed as D
+from minimoe.nn import MoE
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "distributed_worker.py")
+MPIEXEC = shutil.which("mpiexec")
+needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason=D.MPI_MISSING)
+
+
+def launch(world_size, *args, script=WORKER, timeout=60):
+    """Run `mpiexec -n world_size python script args`; the completed process."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([MPIEXEC, "-n", str(world_size), sys.executable, script, *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def results_of(process):
+    assert process.returncode == 0, f"mpiexec failed ({process.returncode}):\n{process.stdout}\n{process.stderr}"
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_expert_parallel_equals_single_process(world_size):
+    results = results_of(launch(world_size, "layer", "training"))
+    assert results["world_size"] == world_size
+    assert len([key for key in results if key.startswith("layer ")]) == 5
+    assert all(value <= 1e-12 for key, value in results.items() if key.startswith("layer "))
+
+
+@needs_mpiexec
+def test_a_failing_rank_aborts_the_job_with_its_message():
+    process = launch(3, "layer", timeout=30)  # 3 ranks cannot share 8 experts
+    assert process.returncode != 0
+    assert "[rank" in process.stderr and "world size 3 must divide n_routed_experts=8" in process.stderr
+
+
+@needs_mpiexec
+def test_mismatched_configuration_across_ranks_is_refused():
+    process = launch(2, "mismatch", timeout=30)
+    assert process.returncode != 0
+    assert "differs between ranks" in process.stderr
+
+
+def test_without_mpiexec_the_world_is_one_process():
+    comm = D.world()
+    assert (comm.rank, comm.size) == (0, 1)
+    counts = np.array([3, 1])
+    assert np.array_equal(comm.alltoallv(np.arange(4.0)[:, None], [4], [4]), np.arange(4.0)[:, None])
+    assert np.array_equal(comm.allreduce(counts), counts)
+
+
+def test_world_size_must_divide_the_experts():
+    class FakeWorld(D.Communicator):
+        rank, size = 0, 3
+
+        def __init__(self):
+            self.mpi, self.ranks_per_node = None, 3
+
+    minimoe.manual_seed(0)
+    with pytest.raises(ValueError, match=r"world size 3 must divide n_routed_experts=8.*\[1, 2, 4, 8\]"):
+        D.ExpertParallelMoE(MoE(4, 8, 2, 4), FakeWorld())
+
+
+def test_launcher_without_mpi4py_says_how_to_install(monkeypatch):
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py now raises ImportError
+    with pytest.raises(ImportError, match="pip install mpi4py mpich"):
+        D.world()
