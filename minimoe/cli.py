@@ -16,7 +16,7 @@ import json
 import os
 import time
 
-from . import backend
+from . import backend, distributed
 from .backend import numpy
 from .checkpoint import load_checkpoint
 from .evaluate import evaluate, sample_responses
@@ -139,8 +139,11 @@ def command_train(args):
     resume = os.path.join(out, "pretrain_last") if args.resume else None
     model = load_checkpoint(resume, restore_random_state=False)[0] if resume else \
         Transformer(ModelConfig(**{"vocab_size": tokenizer.vocab_size, **config["model"]}))
-    history = pretrain(model, task, pretrain_config, tokenizer, out_dir=out, resume_from=resume,
-                       progress=not args.quiet)
+    comm = distributed.world()  # under `mpiexec -n W`: data + expert parallel over W processes
+    train = pretrain if comm.size == 1 else distributed.pretrain
+    history = train(model, task, pretrain_config, tokenizer, out_dir=out, resume_from=resume, progress=not args.quiet)
+    if comm.rank:
+        return
     plot_pretraining(history, os.path.join(out, "pretraining.png"))
     print(f"final loss {history['lm_loss'][-1]:.3f}; checkpoint {os.path.join(out, 'pretrain_last')}")
 

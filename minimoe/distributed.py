@@ -32,10 +32,12 @@ mpi4py) `world()` is a one-rank communicator and the same code runs in one proce
 import math
 import os
 import sys
+import time
 import traceback
 from contextlib import contextmanager
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from . import functional as F
 from .autograd import Function, Tensor, no_grad
@@ -454,9 +456,19 @@ def gather_state_dict(model, optimizer=None, comm=None):
 
 def load_full_state_dict(model, state, optimizer=None, optimizer_buffers=None, step=0, lr=None):
     """Load a single-process state (e.g. from a checkpoint written by any number of ranks) into a sharded model:
-    each rank takes the replicated entries and its own experts; with an optimizer, its buffers likewise.
+    each rank takes the replicated entries and its own experts (state None: the model is left alone); with an
+    optimizer, its buffers likewise, from {single-process parameter name: buffers}.
     A state whose expert count does not match the model's configuration is refused by name."""
     renames = _expert_renames(model)
+    if state is not None:
+        _load_model_part(model, state, renames)
+    if optimizer is not None:
+        names = [_global_name(name, renames) for name, _ in model.named_parameters()]
+        optimizer.load_state_dict({"step": step, "lr": optimizer.lr if lr is None else lr,
+                                   "state": [optimizer_buffers.get(name, {}) for name in names]})
+
+
+def _load_model_part(model, state, renames):
     own = {_global_name(name, renames): name for name in model.state_dict()}
     expected_experts = {name for name in own if ".experts." in name and ".shared_experts." not in name}
     saved_experts = {name for name in state if ".experts." in name and ".shared_experts." not in name}
@@ -466,10 +478,6 @@ def load_full_state_dict(model, state, optimizer=None, optimizer_buffers=None, s
                          "is not a whole model's state (a shard from another number of ranks?); save with "
                          "gather_state_dict, which writes every expert")
     model.load_state_dict({local: state[name] for name, local in own.items()})
-    if optimizer is not None:
-        names = [_global_name(name, renames) for name, _ in model.named_parameters()]
-        optimizer.load_state_dict({"step": step, "lr": optimizer.lr if lr is None else lr,
-                                   "state": [optimizer_buffers.get(name, {}) for name in names]})
 
 
 def _replicated_and_expert_parameters(model):
@@ -545,3 +553,89 @@ def batch_part(array, comm):
                          f"{comm.size} ranks; choose a batch size divisible by {comm.size}")
     rows = array.shape[0] // comm.size
     return array[comm.rank * rows:(comm.rank + 1) * rows]
+
+
+def pretrain(model, task, config=None, tokenizer=None, out_dir=None, resume_from=None, progress=True, on_step=None,
+             comm=None):
+    """`minimoe.train.pretrain`, data + expert parallel over the ranks of `comm` (default: the MPI world).
+    Every rank draws the same global batch of config.batch_size problems and trains on its own B/W rows; the
+    history is the global one (the same on every rank), and equals the single-process run's up to round-off.
+    One checkpoint, `out_dir/pretrain_last`, is written by rank 0 in the single-process format (every expert
+    gathered), so it loads in one process and resumes on any number of ranks. `model` is the whole model
+    (the same on every rank); it is sharded in place. The held-out loss is computed by every rank on the whole
+    held-out batch (the same answer, W times the work: evaluation is not this module's subject). on_step is
+    called as on_step(step, record) on every rank after every step."""
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .model import Transformer
+    from .optim import AdamW
+    from .tasks import Tokenizer, build_corpus
+    from .train import PretrainConfig, check_finite, heldout_loss, lm_batch, make_optimizer
+
+    comm = comm or world()
+    config = config or PretrainConfig()
+    tokenizer = tokenizer or Tokenizer()
+    with abort_on_error(comm):
+        comm.check_same("the pretraining configuration", config.to_dict())
+        out_dir = comm.bcast(out_dir)  # rank 0 writes the checkpoint: its run folder is the run folder
+        batch_part(np.empty(config.batch_size), comm)  # refuse an uneven split before anything starts
+        history = {"step": [], "loss": [], "lm_loss": [], "lr": [], "grad_norm": [], "expert_load": [],
+                   "router_entropy": [], "eval": [], "seconds": 0.0}
+        data_rng = np.random.default_rng(config.seed)
+        start_step, buffers, saved = 0, None, None
+        if resume_from is not None:  # the whole model and optimizer, as one process would load them
+            whole_optimizer, whole_scheduler = make_optimizer(model, config, config.steps)
+            _, state = load_checkpoint(resume_from, model, whole_optimizer, whole_scheduler)
+            if state.get("config") != config.to_dict():
+                raise ValueError(f"pretrain: cannot resume from {resume_from!r}: it was saved with a different "
+                                 f"PretrainConfig ({state.get('config')} vs {config.to_dict()})")
+            start_step, history = state["step"], state["history"]
+            data_rng.bit_generator.state = state["data_rng"]
+            buffers = dict(zip([name for name, _ in model.named_parameters()], whole_optimizer.state))
+            saved = whole_optimizer.state_dict(), whole_scheduler.state_dict()
+        shard_model(model, comm)
+        optimizer, scheduler = make_optimizer(model, config, config.steps)
+        if saved is not None:  # this rank's part of the optimizer's state
+            load_full_state_dict(model, None, optimizer, buffers, step=saved[0]["step"], lr=saved[0]["lr"])
+            scheduler.load_state_dict(saved[1])
+        checkpoint = os.path.join(out_dir, "pretrain_last") if out_dir else None
+
+        def save(step):
+            gathered = gather_state_dict(model, optimizer, comm)
+            if comm.rank == 0:
+                state, buffers = gathered
+                whole = Transformer(model.config)
+                whole.load_state_dict(state)
+                whole_optimizer = AdamW(whole.parameters(), lr=optimizer.lr, weight_decay=config.weight_decay)
+                names = [name for name, _ in whole.named_parameters()]
+                whole_optimizer.load_state_dict({"step": optimizer.step_count, "lr": optimizer.lr,
+                                                 "state": [buffers.get(name, {}) for name in names]})
+                save_checkpoint(checkpoint, whole, whole_optimizer, scheduler,
+                                {"step": step, "history": history, "config": config.to_dict(),
+                                 "data_rng": data_rng.bit_generator.state, "world_size": comm.size})
+            comm.barrier()
+
+        model.train()
+        started = time.perf_counter() - history["seconds"]
+        steps = range(start_step, config.steps)
+        for step in tqdm(steps, desc=f"pretrain ({comm.size} ranks)", disable=not progress or comm.rank != 0):
+            corpus = build_corpus(task, config.batch_size, data_rng, config.mix, split="train")
+            inputs, targets = lm_batch(corpus, tokenizer)
+            lr = optimizer.lr
+            record = training_step(model, optimizer, scheduler, batch_part(inputs, comm), batch_part(targets, comm),
+                                   config.grad_clip, comm)
+            check_finite("pretrain", record["loss"], step + 1, checkpoint)
+            record = {"step": step + 1, **record, "lr": lr, **model.routing_summary()}
+            for key, value in record.items():
+                history[key].append(value)
+            if on_step:
+                on_step(step + 1, record)
+            if config.eval_every and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
+                history["eval"].append({"step": step + 1,
+                                        "heldout_loss": heldout_loss(model, task, tokenizer, config)})
+                model.train()
+            history["seconds"] = time.perf_counter() - started
+            if checkpoint and config.checkpoint_every and ((step + 1) % config.checkpoint_every == 0
+                                                           or step + 1 == config.steps):
+                save(step + 1)
+        history["seconds"] = time.perf_counter() - started
+        return history

@@ -5,6 +5,7 @@ Any failure on any rank aborts the whole job with that rank's message (abort_on_
 line {"check": worst error} per check."""
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -176,10 +177,74 @@ def run_mismatch(comm):
     return {}
 
 
-CHECKS = {"layer": run_layer, "training": run_training, "mismatch": run_mismatch}
+PRETRAIN = dict(steps=8, batch_size=8, eval_every=4, checkpoint_every=4, warmup_steps=2, eval_batch_size=8, seed=3)
+
+
+def _pretraining_setup():
+    from minimoe.model import ModelConfig, Transformer
+    from minimoe.tasks import AdditionTask, Tokenizer
+    from minimoe.train import PretrainConfig
+
+    tokenizer = Tokenizer()
+    minimoe.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, dim=16, n_heads=2, moe_inter_dim=8,
+                                    aux_loss_alpha=0.01, bias_update_speed=0.01))
+    return model, AdditionTask(3), PretrainConfig(**PRETRAIN), tokenizer
+
+
+def run_pretrain_interrupted(comm):
+    """`distributed.pretrain` on this world, stopped after step 5 as if killed: its checkpoint holds step 4."""
+    model, task, config, tokenizer = _pretraining_setup()
+
+    def stop(step, record):
+        if step == 5:
+            sys.exit(0)
+
+    D.pretrain(model, task, config, tokenizer, out_dir=OUT, progress=False, on_step=stop, comm=comm)
+    raise AssertionError("pretrain did not stop")
+
+
+def run_pretrain_resumed(comm):
+    """Resume the interrupted run on this world (another number of ranks) to the end; compare the loss curve and
+    the final checkpoint (loaded in one process) with one process that trained all 8 steps on the whole batch."""
+    from minimoe.checkpoint import load_checkpoint
+    from minimoe.train import pretrain
+
+    model, task, config, tokenizer = _pretraining_setup()
+    resumed = os.path.join(OUT, "pretrain_last")
+    model = load_checkpoint(resumed, restore_random_state=False)[0]
+    history = D.pretrain(model, task, config, tokenizer, out_dir=OUT, resume_from=resumed, progress=False,
+                         comm=comm)
+    errors = {}
+    if comm.rank == 0:
+        whole, _, _, _ = _pretraining_setup()
+        reference = pretrain(whole, task, config, tokenizer, progress=False)
+        errors["pretrain loss curve"] = worst(history["loss"], reference["loss"])
+        errors["pretrain heldout"] = worst([e["heldout_loss"] for e in history["eval"]],
+                                           [e["heldout_loss"] for e in reference["eval"]])
+        loaded, state = load_checkpoint(resumed, restore_random_state=False)
+        if state["step"] != 8:
+            raise AssertionError(f"the final checkpoint is at step {state['step']}, not 8")
+        for name, value in whole.state_dict().items():
+            errors[f"checkpoint {name}"] = worst(loaded.state_dict()[name], value)
+        worst_error = max(errors.values())
+        if not worst_error <= TOLERANCE:
+            raise AssertionError(f"resumed distributed pretraining differs from one process: "
+                                 f"{ {k: v for k, v in errors.items() if not v <= TOLERANCE} }")
+    return {"pretrain resumed": comm.bcast(max(errors.values()) if errors else None)}
+
+
+CHECKS = {"pretrain_interrupted": run_pretrain_interrupted, "pretrain_resumed": run_pretrain_resumed, "layer": run_layer, "training": run_training, "mismatch": run_mismatch}
+
+
+OUT = None  # the run folder of the pretraining checks: --out DIR
 
 
 def main(names):
+    global OUT
+    if "--out" in names:
+        OUT = names[names.index("--out") + 1]
+        names = [name for name in names if name not in ("--out", OUT)]
     comm = D.world()
     with D.abort_on_error(comm):
         minimoe.set_default_dtype("float64")
