@@ -42,12 +42,13 @@ from tqdm.auto import tqdm
 from . import functional as F
 from .autograd import Function, Tensor, no_grad
 from .backend import backend_of, get_array_module
-from .nn import ModuleList, MoE
+from .nn import Module, ModuleList, MoE
 from .nn.moe import GroupedLinear, Renormalize
 
 __all__ = ["Communicator", "world", "abort_on_error", "to_host", "upload", "AllToAll", "ExpertParallelMoE",
-           "shard_model", "gather_state_dict", "load_full_state_dict", "allreduce_gradients", "clip_grad_norm",
-           "lm_loss_share", "training_step", "batch_part", "MPI_MISSING"]
+           "traffic", "node_limited_routing", "shard_model", "gather_state_dict", "load_full_state_dict",
+           "allreduce_gradients", "clip_grad_norm", "lm_loss_share", "training_step", "batch_part", "pretrain",
+           "MPI_MISSING"]
 
 MPI_MISSING = ("mpi4py / mpiexec not found: install them with `pip install mpi4py mpich` (or `pip install -r "
                "requirements.txt`); the mpich wheel provides `mpiexec`")
@@ -240,14 +241,17 @@ class ExpertParallelMoE(MoE):
     single-process MoE gives for them when run on the concatenation of every rank's batch (rank 0's first).
 
     balance_loss -- this rank's share of the global balance loss (the shares sum to the global value)
-    stats        -- as MoE's, for the global batch ("tokens_per_expert", "imbalance", "dropped", the balance
-                    terms' global values); "router_entropy" is over this rank's tokens
-    traffic      -- host numbers of the last forward: rows this rank sent to every rank (W,), and how many
-                    distinct nodes each of its tokens reached (see `traffic`)
+    stats        -- as MoE's, for the global batch ("tokens_per_expert", "imbalance", "dropped",
+                    "router_entropy", and the balance terms' global values)
+    traffic      -- what this rank's dispatch sent in the last forward (host numbers; see `traffic`)
+
+    Node-limited routing (DeepSeek-V3): the experts of one node are one contiguous block, so the gate's
+    group-limited routing with n_groups = the number of nodes and topk_groups = M sends each token to at most M
+    nodes (`node_limited_routing` gives those gate options).
     """
 
     def __init__(self, moe, comm):
-        MoE.__bases__[0].__init__(self)  # Module.__init__: the experts are not built again
+        Module.__init__(self)  # not MoE's: the experts are not built again
         n_experts, world_size = moe.n_routed_experts, comm.size
         if n_experts % world_size:
             raise ValueError(f"ExpertParallelMoE: the world size {world_size} must divide n_routed_experts="
@@ -312,8 +316,8 @@ class ExpertParallelMoE(MoE):
 
         dropped = 0 if capacity is None else int(np.maximum(counts - capacity, 0).sum())
         self._record_global(routing, counts, n_global, (n_sequences, global_sequences), dropped, xp)
-        self.traffic = {"rows_sent": send_rows,
-                        "nodes_per_token": self._nodes_per_token(to_host(routing.indices))}
+        self.traffic = traffic(to_host(routing.indices), comm.rank, per_rank, comm.ranks_per_node,
+                               row_bytes=self.dim * x.dtype.itemsize)
         return y.reshape(x.shape)
 
     def _record_global(self, routing, counts, n_global, sequences, dropped, xp):
@@ -344,12 +348,6 @@ class ExpertParallelMoE(MoE):
                       "router_entropy": xp.asarray(totals[-1] / n_global),
                       **{name: xp.asarray(total) for name, total in zip(shares, totals)}}
 
-    def _nodes_per_token(self, indices):
-        """(n,) how many distinct nodes hold the experts each token chose."""
-        node = (indices // self.experts_per_rank) // self.comm.ranks_per_node  # (n, K)
-        node = np.sort(node, axis=-1)
-        return 1 + (node[:, 1:] != node[:, :-1]).sum(axis=-1)
-
     def update_bias(self):
         """Auxiliary-loss-free balancing from the GLOBAL load: the ranks' loads since the last update are summed
         first, so every rank applies the same change to its copy of the bias."""
@@ -365,6 +363,35 @@ class ExpertParallelMoE(MoE):
     def extra_repr(self):
         return f"experts {self.first_expert}..{self.first_expert + self.experts_per_rank - 1} of " \
                f"{self.n_routed_experts} on rank {self.comm.rank} of {self.comm.size}; " + super().extra_repr()
+
+
+def traffic(indices, rank, experts_per_rank, ranks_per_node, row_bytes):
+    """Bytes the dispatch of one rank's tokens sends, given their chosen experts `indices` (n, K) (the combine
+    sends as many back):
+        within_node, across_node -- as sent here, one row per (token, expert) assignment to another rank
+        across_node_once         -- one row per token and remote node: DeepSeek-V3's dispatch, where a token
+                                    crosses to a node once (InfiniBand) and is forwarded inside it (NVLink)
+        nodes_per_token          -- the mean number of distinct nodes a token's experts are on
+        tokens                   -- n
+    """
+    destination = indices // experts_per_rank  # (n, K) ranks
+    node, own_node = destination // ranks_per_node, rank // ranks_per_node  # (n, K), its own
+    across = node != own_node
+    nodes = np.sort(node, axis=-1)
+    first_of_node = np.concatenate([np.ones((len(nodes), 1), dtype=bool), nodes[:, 1:] != nodes[:, :-1]], axis=1)
+    return {"within_node": int(((destination != rank) & ~across).sum()) * row_bytes,
+            "across_node": int(across.sum()) * row_bytes,
+            "across_node_once": int((first_of_node & (nodes != own_node)).sum()) * row_bytes,
+            "nodes_per_token": float(first_of_node.sum(axis=1).mean()) if len(nodes) else 0.0,
+            "tokens": int(len(nodes))}
+
+
+def node_limited_routing(n_nodes, max_nodes):
+    """Gate options for DeepSeek-V3's node-limited routing: the experts of each node form one group, and a token
+    picks its experts from its `max_nodes` best nodes (MoE(..., **node_limited_routing(4, 2)))."""
+    if not 1 <= max_nodes <= n_nodes:
+        raise ValueError(f"node_limited_routing: max_nodes={max_nodes} must be between 1 and n_nodes={n_nodes}")
+    return {"n_groups": n_nodes, "topk_groups": max_nodes}
 
 
 def _grouped(sizes, x, weights):

@@ -113,3 +113,26 @@ def test_train_command_under_mpiexec_follows_the_single_process_loss_curve(tmp_p
         curves[world_size] = json.loads((out / "pretrain_last.json").read_text())["state"]["history"]["loss"]
     assert len(curves[2]) == 6
     assert np.max(np.abs(np.subtract(curves[2], curves[1]))) <= 1e-5
+
+
+def test_traffic_counts_rows_per_assignment_and_once_per_remote_node():
+    # 4 ranks, 2 per node, 2 experts per rank; this is rank 0 (node 0). Token 0 picks experts 0, 1, 4, 6:
+    # its own rank twice (free), node 1 twice (ranks 2 and 3). Token 1 picks 2, 3 (rank 1, same node) and 5.
+    indices = np.array([[0, 1, 4, 6], [2, 3, 5, 0]])
+    counted = D.traffic(indices, rank=0, experts_per_rank=2, ranks_per_node=2, row_bytes=10)
+    assert counted["within_node"] == 2 * 10  # token 1's experts 2 and 3 on rank 1
+    assert counted["across_node"] == 3 * 10  # experts 4, 6 of token 0, 5 of token 1
+    assert counted["across_node_once"] == 2 * 10  # node 1 once per token
+    assert counted["nodes_per_token"] == 2.0 and counted["tokens"] == 2
+
+
+def test_node_limited_routing_sends_each_token_to_at_most_m_nodes():
+    minimoe.manual_seed(0)
+    moe = MoE(8, 16, 4, 8, **D.node_limited_routing(n_nodes=4, max_nodes=2))
+    indices = moe.gate(minimoe.randn(3, 20, 8)).indices  # (60, 4)
+    nodes_per_token = D.traffic(indices, rank=0, experts_per_rank=4, ranks_per_node=1, row_bytes=1)["nodes_per_token"]
+    assert 1 < nodes_per_token <= 2
+    nodes_reached = [len({expert // 4 for expert in row}) for row in indices.tolist()]
+    assert max(nodes_reached) == 2
+    with pytest.raises(ValueError, match="max_nodes=5 must be between 1 and n_nodes=4"):
+        D.node_limited_routing(4, 5)
