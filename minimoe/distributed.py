@@ -24,6 +24,9 @@ Capacity dropping needs the global view: an expert keeps its `capacity` best ass
 Here it is decided where the whole view exists: on the expert's rank, which receives all the expert's
 assignments (with their scores) in global token order, keeps the best `capacity` and returns zeros for the rest.
 
+Randomness is per rank: with gate noise (noise_std > 0) or dropout, each rank draws its own, so such a run is a
+valid run but not the single-process one. Everything else is deterministic and equal to one process.
+
 MPI moves host memory: arrays go to the host before an exchange and back to the device after it, explicitly
 (`to_host`, `upload`); on NumPy both are free. Run with `mpiexec -n W python ...`; without mpiexec (or without
 mpi4py) `world()` is a one-rank communicator and the same code runs in one process.
@@ -140,7 +143,7 @@ class Communicator:
         return [value] if self.mpi is None else self.mpi.gather(value, root=0)
 
     def bcast(self, value):
-        """Rank 0's value, on every rank."""
+        """Rank 0's value, on every rank (the others' `value` is ignored)."""
         return value if self.mpi is None else self.mpi.bcast(value, root=0)
 
     def barrier(self):
@@ -435,8 +438,7 @@ def shard_model(model, comm):
     experts. Returns the model. Build the optimizer after this: it must hold this rank's parameters."""
     comm.check_same("the model configuration", model.config.to_dict())
     if comm.size > 1:
-        model.load_state_dict(comm.bcast({name: to_host(value) for name, value in model.state_dict().items()}
-                                         if comm.rank == 0 else None))
+        model.load_state_dict(comm.bcast({name: to_host(value) for name, value in model.state_dict().items()}))
     for layer in model.layers:
         if isinstance(layer.ffn, MoE) and not isinstance(layer.ffn, ExpertParallelMoE):
             layer.ffn = ExpertParallelMoE(layer.ffn, comm)

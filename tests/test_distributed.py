@@ -136,3 +136,46 @@ def test_node_limited_routing_sends_each_token_to_at_most_m_nodes():
     assert max(nodes_reached) == 2
     with pytest.raises(ValueError, match="max_nodes=5 must be between 1 and n_nodes=4"):
         D.node_limited_routing(4, 5)
+
+
+class TwoRankView(D.Communicator):
+    """Rank `rank` of a 2-rank world seen alone (no MPI): enough to build that rank's shard in one process."""
+
+    def __init__(self, rank):
+        self.mpi, self.rank, self.size, self.ranks_per_node = None, rank, 2, 2
+
+    def bcast(self, value):
+        return value  # every rank built the same model from the same seed
+
+
+def test_a_shard_is_refused_where_a_whole_model_state_is_expected():
+    from minimoe.model import ModelConfig, Transformer
+
+    config = ModelConfig(vocab_size=8, dim=8, n_heads=2, max_seq_len=8, moe_inter_dim=4)
+    minimoe.manual_seed(0)
+    rank0 = D.shard_model(Transformer(config), TwoRankView(0))
+    minimoe.manual_seed(0)
+    rank1 = D.shard_model(Transformer(config), TwoRankView(1))
+    with pytest.raises(ValueError, match="not a whole model's state"):
+        D.load_full_state_dict(rank1, rank0.state_dict())  # rank 0's shard names experts 0-3 only
+
+
+@pytest.mark.parametrize("backend", ["numpy", "fakegpu"])
+def test_one_rank_layer_equals_moe_on_every_backend(backend, float64):
+    """World size 1, on a backend that refuses implicit host <-> device copies: the explicit to_host/upload path."""
+    options = dict(n_shared_experts=1, capacity_factor=0.8, score_func="sigmoid", aux_loss_alpha=0.01,
+                   z_loss_coef=0.01, bias_update_speed=0.01)
+    with minimoe.use_backend(backend):
+        minimoe.manual_seed(0)
+        reference = MoE(8, 8, 2, 6, **options)
+        minimoe.manual_seed(0)
+        layer = D.ExpertParallelMoE(MoE(8, 8, 2, 6, **options), D.world())
+        x = minimoe.randn(2, 5, 8)
+        outputs = []
+        for moe in (reference, layer):
+            y = moe(x)
+            (y.sum() + moe.balance_loss).backward()
+            moe.update_bias()
+            outputs.append((y.numpy(), moe.balance_loss.numpy(), moe.gate.weight.grad, moe.gate.bias))
+        for ours, theirs in zip(*outputs):
+            np.testing.assert_allclose(D.to_host(ours), D.to_host(theirs), rtol=0, atol=1e-14)
