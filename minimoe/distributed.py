@@ -43,10 +43,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import functional as F
-from .autograd import Function, Tensor, no_grad
-from .backend import backend_of, get_array_module
+from .autograd import Function, Tensor
+from .backend import backend_of, get_array_module, random_state, set_random_state
+from .checkpoint import load_checkpoint, save_checkpoint
+from .model import Transformer
 from .nn import Module, ModuleList, MoE
 from .nn.moe import GroupedLinear, Renormalize
+from .optim import AdamW
+from .tasks import Tokenizer, build_corpus
+from .train import PretrainConfig, check_finite, heldout_loss, lm_batch, make_optimizer
 
 __all__ = ["Communicator", "world", "abort_on_error", "to_host", "upload", "AllToAll", "ExpertParallelMoE",
            "traffic", "node_limited_routing", "shard_model", "gather_state_dict", "load_full_state_dict",
@@ -599,12 +604,6 @@ def pretrain(model, task, config=None, tokenizer=None, out_dir=None, resume_from
     (the same on every rank); it is sharded in place. The held-out loss is computed by every rank on the whole
     held-out batch (the same answer, W times the work: evaluation is not this module's subject). on_step is
     called as on_step(step, record) on every rank after every step."""
-    from .checkpoint import load_checkpoint, save_checkpoint
-    from .model import Transformer
-    from .optim import AdamW
-    from .tasks import Tokenizer, build_corpus
-    from .train import PretrainConfig, check_finite, heldout_loss, lm_batch, make_optimizer
-
     comm = comm or world()
     config = config or PretrainConfig()
     tokenizer = tokenizer or Tokenizer()
@@ -637,7 +636,9 @@ def pretrain(model, task, config=None, tokenizer=None, out_dir=None, resume_from
             gathered = gather_state_dict(model, optimizer, comm)
             if comm.rank == 0:
                 state, buffers = gathered
+                generators = random_state()  # building a model draws its initial weights: leave no trace
                 whole = Transformer(model.config)
+                set_random_state(generators)
                 whole.load_state_dict(state)
                 whole_optimizer = AdamW(whole.parameters(), lr=optimizer.lr, weight_decay=config.weight_decay)
                 names = [name for name, _ in whole.named_parameters()]
