@@ -29,7 +29,6 @@ parallelism over 8 nodes, at most 4 nodes per token, FP8 dispatch, BF16 combine)
 import json
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -44,9 +43,11 @@ V3 = dict(n_routed_experts=256, n_activated_experts=8, dim=7168, nodes=8, max_no
 
 def run(quick=False):
     """The parent side, for `python -m benchmarks`: launch the ranks, read rank 0's JSON back, as Entries."""
+    from minimoe.distributed import find_mpiexec
+
     from .common import Entry
 
-    mpiexec = shutil.which("mpiexec")
+    mpiexec = find_mpiexec()
     if mpiexec is None:
         print("benchmarks: distributed skipped: mpiexec not found; `pip install mpi4py mpich` "
               "(in requirements.txt) provides it", file=sys.stderr)

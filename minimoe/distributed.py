@@ -34,6 +34,7 @@ mpi4py) `world()` is a one-rank communicator and the same code runs in one proce
 
 import math
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -53,7 +54,7 @@ from .optim import AdamW
 from .tasks import Tokenizer, build_corpus
 from .train import PretrainConfig, check_finite, heldout_loss, lm_batch, make_optimizer
 
-__all__ = ["Communicator", "world", "abort_on_error", "to_host", "upload", "AllToAll", "ExpertParallelMoE",
+__all__ = ["Communicator", "world", "find_mpiexec", "abort_on_error", "to_host", "upload", "AllToAll", "ExpertParallelMoE",
            "traffic", "node_limited_routing", "shard_model", "gather_state_dict", "load_full_state_dict",
            "allreduce_gradients", "clip_grad_norm", "lm_loss_share", "training_step", "batch_part", "pretrain",
            "MPI_MISSING"]
@@ -191,6 +192,13 @@ def _elements(counts, width):
 def _offsets(counts, width):
     counts = _elements(counts, width)
     return np.cumsum(counts) - counts
+
+
+def find_mpiexec():
+    """The path of `mpiexec`: the one installed next to this Python (the mpich wheel puts it there, also in a
+    virtual environment that is not activated), else the first on PATH; None when there is none."""
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
 
 
 def world(ranks_per_node=None):

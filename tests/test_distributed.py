@@ -5,7 +5,6 @@ the job with that rank's message, which this test shows; a timeout catches a han
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ from minimoe.nn import MoE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "distributed_worker.py")
-MPIEXEC = shutil.which("mpiexec")
+MPIEXEC = D.find_mpiexec()
 needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason=D.MPI_MISSING)
 
 
