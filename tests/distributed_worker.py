@@ -234,7 +234,15 @@ def run_pretrain_resumed(comm):
     return {"pretrain resumed": comm.bcast(max(errors.values()) if errors else None)}
 
 
-CHECKS = {"pretrain_interrupted": run_pretrain_interrupted, "pretrain_resumed": run_pretrain_resumed, "layer": run_layer, "training": run_training, "mismatch": run_mismatch}
+def run_one_rank_fails(comm):
+    """Rank 1 fails while the others wait in a collective for it: the job must end, with rank 1's message."""
+    if comm.rank == 1:
+        raise RuntimeError("rank 1 broke on purpose")
+    comm.barrier()  # without the abort, this would wait forever
+    return {}
+
+
+CHECKS = {"one_rank_fails": run_one_rank_fails, "pretrain_interrupted": run_pretrain_interrupted, "pretrain_resumed": run_pretrain_resumed, "layer": run_layer, "training": run_training, "mismatch": run_mismatch}
 
 
 OUT = None  # the run folder of the pretraining checks: --out DIR

@@ -52,6 +52,13 @@ def test_a_failing_rank_aborts_the_job_with_its_message():
 
 
 @needs_mpiexec
+def test_one_failing_rank_ends_the_job_while_the_others_wait():
+    process = launch(2, "one_rank_fails", timeout=30)  # a hang would raise TimeoutExpired
+    assert process.returncode != 0
+    assert "[rank 1 of 2]" in process.stderr and "rank 1 broke on purpose" in process.stderr
+
+
+@needs_mpiexec
 def test_mismatched_configuration_across_ranks_is_refused():
     process = launch(2, "mismatch", timeout=30)
     assert process.returncode != 0
