@@ -22,7 +22,7 @@ import os
 import sys
 import time
 
-from . import backend
+from . import backend, distributed
 from .backend import numpy
 from .checkpoint import load_checkpoint
 from .evaluate import check_evaluation, evaluate
@@ -300,7 +300,10 @@ def command_train(args):
     out = args.out or os.path.join("runs", time.strftime("train-%Y%m%d-%H%M%S"))
     pretrain_config = config["pretrain_config"]
     checkpoint = os.path.join(out, "pretrain_last")
-    with _run_folder(args, out, "pretrain_last", resume=args.resume):
+    comm = distributed.world()  # under `mpiexec -n W`: data + expert parallel over W processes
+    # rank 0 owns the run folder (and writes the one checkpoint); an error on any rank aborts the whole job
+    folder = _run_folder(args, out, "pretrain_last", resume=args.resume) if comm.rank == 0 else contextlib.nullcontext()
+    with distributed.abort_on_error(comm), folder:
         resume = checkpoint if args.resume else None
         if resume:
             model, state = _load_model(resume, config, tokenizer)
@@ -312,10 +315,16 @@ def command_train(args):
             model = Transformer(config["model_config"])
         _check_corpus_length(model.config, task, tokenizer, pretrain_config, f'{config["source"]}, section "model"')
         try:
-            history = pretrain(model, task, pretrain_config, tokenizer, out_dir=out, resume_from=resume,
-                               progress=not args.quiet, overwrite=args.overwrite)
+            if comm.size == 1:
+                history = pretrain(model, task, pretrain_config, tokenizer, out_dir=out, resume_from=resume,
+                                   progress=not args.quiet, overwrite=args.overwrite)
+            else:
+                history = distributed.pretrain(model, task, pretrain_config, tokenizer, out_dir=out,
+                                               resume_from=resume, progress=not args.quiet, comm=comm)
         except KeyboardInterrupt:  # the loop has said where its last checkpoint is
             raise SystemExit(130) from None
+        if comm.rank:
+            return
         from .plots import plot_pretraining
 
         plot_pretraining(history, os.path.join(out, "pretraining.png"))
