@@ -13,6 +13,7 @@ import pytest
 
 import minimoe
 from minimoe import distributed as D
+from minimoe.checkpoint import load_checkpoint
 from minimoe.nn import MoE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -116,7 +117,7 @@ def test_train_command_under_mpiexec_follows_the_single_process_loss_curve(tmp_p
         process = launch(world_size, "-m", "minimoe", "train", "--config", str(config), "--out", str(out),
                          "--quiet", script=None)
         assert process.returncode == 0, process.stderr
-        curves[world_size] = json.loads((out / "pretrain_last.json").read_text())["state"]["history"]["loss"]
+        curves[world_size] = load_checkpoint(out / "pretrain_last")[1]["history"]["loss"]
     assert len(curves[2]) == 6
     assert np.max(np.abs(np.subtract(curves[2], curves[1]))) <= 1e-5
 
