@@ -139,7 +139,7 @@ class Maximum(Function):
 
     def backward(self, g):
         a, b = self.saved
-        share_a = (a > b) + 0.5 * (a == b)
+        share_a = (a > b) + (a == b) * g.dtype.type(0.5)  # in g's dtype: a Python 0.5 would make it float64
         return g * share_a, g * (1 - share_a)
 
 
@@ -152,7 +152,7 @@ class Minimum(Function):
 
     def backward(self, g):
         a, b = self.saved
-        share_a = (a < b) + 0.5 * (a == b)
+        share_a = (a < b) + (a == b) * g.dtype.type(0.5)  # in g's dtype: a Python 0.5 would make it float64
         return g * share_a, g * (1 - share_a)
 
 
@@ -567,7 +567,8 @@ class Max(Function):
     def backward(self, g):
         x, y = self.saved
         is_max = x == y
-        return _expand_reduced(g, self.axes, self.keepdims) * is_max / is_max.sum(axis=self.axes, keepdims=True)
+        ties = is_max.sum(axis=self.axes, keepdims=True, dtype=g.dtype)  # in g's dtype: an integer count upcasts
+        return _expand_reduced(g, self.axes, self.keepdims) * is_max / ties
 
 
 class Var(Function):

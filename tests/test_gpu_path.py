@@ -1,0 +1,136 @@
+"""The GPU path without a GPU: a float32 graph stays float32 everywhere (a spy on every backward), and what the
+fakegpu stand-in counts as host reads stays within a documented budget."""
+
+import numpy as np
+import pytest
+
+import minimoe
+import minimoe.functional as F
+from minimoe.autograd import Function
+from minimoe.model import ModelConfig, Transformer
+from minimoe.rl import policy_loss, token_logprobs
+from minimoe.train import lm_loss, optimizer_step
+from minimoe.optim import AdamW, WarmupCosine
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the dtype spy
+# --------------------------------------------------------------------------------------------------------------
+
+def _function_classes():
+    found, stack = [], [Function]
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            found.append(sub)
+            stack.append(sub)
+    return found
+
+
+class DtypeSpy:
+    """Wraps every Function subclass's forward and backward; records (op, what, dtype) for each array seen."""
+
+    def __init__(self, monkeypatch):
+        self.seen = []
+        for cls in _function_classes():
+            if "backward" in cls.__dict__:
+                monkeypatch.setattr(cls, "backward", self._spy_backward(cls.__dict__["backward"]))
+            if "forward" in cls.__dict__:
+                monkeypatch.setattr(cls, "forward", self._spy_forward(cls.__dict__["forward"]))
+
+    def _spy_backward(self, backward):
+        def spied(function, g):
+            self.seen.append((function.name, "upstream gradient", g.dtype))
+            grads = backward(function, g)
+            for i, grad in enumerate(grads if isinstance(grads, tuple) else (grads,)):
+                if grad is not None:
+                    self.seen.append((function.name, f"gradient of input {i}", grad.dtype))
+            return grads
+        return spied
+
+    def _spy_forward(self, forward):
+        def spied(function, *arrays):
+            out = forward(function, *arrays)
+            if any(a.dtype == np.float32 for a in arrays) and out.dtype.kind == "f":
+                self.seen.append((function.name, "output", out.dtype))
+            return out
+        return spied
+
+    def assert_float32(self, least=1):
+        assert len(self.seen) >= least, f"the spy saw only {len(self.seen)} arrays"
+        wrong = sorted({(name, what, str(dtype)) for name, what, dtype in self.seen if dtype != np.float32})
+        assert not wrong, f"not float32: {wrong}"
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    return DtypeSpy(monkeypatch)
+
+
+def _op_cases():
+    pytest.importorskip("torch")
+    from test_ops import CASES, random_inputs  # noqa: F401  (the table of every op)
+    return CASES
+
+
+def test_every_op_keeps_float32_in_every_gradient(spy):
+    """Not just the leaves' .grad (which are cast to the leaf's dtype): every gradient handed to a backward and
+    every gradient it returns."""
+    from parity import random_inputs
+
+    for name, mine, _, shapes, *rest in _op_cases():
+        domain = rest[0] if rest else {}
+        inputs = [minimoe.tensor(a, dtype="float32", requires_grad=True) for a in random_inputs(shapes, **domain)]
+        out = mine(*inputs)
+        out.backward(minimoe.ones(*out.shape, dtype="float32"))
+    spy.assert_float32(least=200)
+
+
+def _demo_model(**overrides):
+    config = ModelConfig(**overrides)
+    minimoe.manual_seed(0)
+    return Transformer(config), config
+
+
+def _batch(config, batch=8, length=12, seed=0):
+    rng = np.random.default_rng(seed)
+    backend = minimoe.get_backend()
+    return backend.asarray(rng.integers(0, config.vocab_size, (batch, length)))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"attention": "mla", "score_func": "sigmoid", "aux_loss_alpha": 0.01,
+                                             "seq_aux_alpha": 0.01, "z_loss_coef": 1e-3, "dropout": 0.1,
+                                             "capacity_factor": 1.0, "gate_noise_std": 0.1}],
+                         ids=["demo", "every_option"])
+def test_a_training_step_stays_float32(spy, overrides):
+    model, config = _demo_model(**overrides)
+    optimizer = AdamW(model.parameters(), lr=1e-3)
+    ids = _batch(config)
+    loss, _ = lm_loss(model, ids[:, :-1], ids[:, 1:])
+    assert loss.dtype == np.float32
+    optimizer_step(model, optimizer, WarmupCosine(optimizer, 1, 10), loss, grad_clip=1.0)
+    spy.assert_float32(least=100)
+    assert all(p.data.dtype == np.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "reinforce"])
+def test_a_grpo_step_stays_float32(spy, loss_type):
+    model, config = _demo_model()
+    tokens = _batch(config)
+    xp = minimoe.get_backend().xp
+    mask = xp.asarray(np.random.default_rng(1).random((8, 11)) < 0.8)
+    advantages = xp.asarray(np.random.default_rng(2).standard_normal(8).astype(np.float32))
+    logprobs, _ = token_logprobs(model, tokens, temperature=0.8)
+    old = logprobs.data + np.float32(0.05)
+    loss, stats = policy_loss(logprobs, old, advantages, mask, loss_type, beta=0.04, ref_logprobs=old - 0.1,
+                              max_new_tokens=11)
+    loss.backward()
+    spy.assert_float32(least=100)
+    assert all(value.dtype == np.float32 for value in stats.values())
+
+
+def test_generation_stays_float32(spy):
+    from minimoe.generate import generate
+
+    model, config = _demo_model()
+    generate(model, _batch(config, length=4), max_new_tokens=5, eos_id=1, pad_id=0, temperature=0.9, top_p=0.9)
+    spy.assert_float32(least=20)
