@@ -390,6 +390,8 @@ class Gelu(Function):
 class Cast(Function):
     """y = x as another dtype;   dL/dx = g cast back to x's dtype."""
 
+    changes_dtype = True
+
     def __init__(self, dtype):
         self.dtype = dtype
 

@@ -6,6 +6,7 @@ A Module is a plain Python object whose attributes may be Parameters (trainable 
 """
 
 import math
+import numbers
 
 from ..autograd import Tensor, get_default_dtype
 from ..backend import backend_named, backend_of, get_backend, host_rng
@@ -211,6 +212,9 @@ class Linear(Module):
 
     def __init__(self, in_features, out_features, bias=True):
         super().__init__()
+        for name, size in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+                raise ValueError(f"Linear: {name} must be an integer ≥ 1, got {size!r}")
         self.in_features, self.out_features = in_features, out_features
         bound = 1 / math.sqrt(in_features)
         self.weight = Parameter(init_uniform((out_features, in_features), bound))
