@@ -253,3 +253,108 @@ def test_library_ops_run_on_fakegpu(backend):
     loss.backward()
     assert type(x.grad) is backend.array_type and type(w.grad) is backend.array_type
     assert numpy.isfinite(to_numpy(w.grad)).all()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# fakegpu is as strict as CuPy 13/14 (each of these passed silently on an earlier stand-in)
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call", [lambda d: d + [1.0, 2.0], lambda d: (1.0, 2.0) * d,
+                                  lambda d: FAKE.xp.maximum(d, [0.0, 5.0]), lambda d: FAKE.xp.where(d > 1, [1, 2], d),
+                                  lambda d: FAKE.xp.where(d > 1, d, (0.0, 0.0))],
+                         ids=["add_list", "mul_tuple", "ufunc_list", "where_list", "where_tuple"])
+def test_fakegpu_refuses_lists_and_tuples_as_operands(call):
+    with pytest.raises(TypeError, match="CuPy refuses lists and tuples"):
+        call(fake_array([1.0, 2.0]))
+
+
+def test_fakegpu_still_takes_lists_of_arrays_and_shapes():
+    device = fake_array([1.0, 2.0])
+    assert FAKE.xp.concatenate([device, device]).shape == (4,) and device.reshape((2, 1)).shape == (2, 1)
+
+
+def test_fakegpu_arrays_have_no_writeable_flag_setflags_or_index():
+    device = fake_array([1.0, 2.0])
+    assert device.flags.c_contiguous and device.flags["C_CONTIGUOUS"]
+    with pytest.raises(AttributeError):
+        device.flags.writeable = False
+    with pytest.raises(AttributeError, match="setflags"):
+        device.setflags(write=False)
+    with pytest.raises(TypeError):
+        [10, 20, 30][fake_array(1)]  # CuPy arrays are not Python indices (__index__)
+
+
+def test_fakegpu_ufunc_reduce_only_for_add_and_multiply():
+    device = fake_array([1.0, 3.0, 2.0])
+    with pytest.raises(TypeError, match=r"maximum.reduce is not in CuPy.*xp.max"):
+        FAKE.xp.maximum.reduce(device)
+    with pytest.raises(TypeError, match="reduce is not in CuPy"):
+        numpy.maximum.reduce(device)
+    assert FAKE.xp.add.reduce(device).item() == 6.0
+
+
+def test_fakegpu_sorts_like_cupy_13():
+    device = fake_array([3.0, 1.0, 2.0])
+    with pytest.raises(TypeError, match="kind=None or 'stable' only"):
+        FAKE.xp.argsort(device, kind="quicksort")
+    with pytest.raises(TypeError, match="kind=None or 'stable' only"):
+        FAKE.xp.sort(device, kind="heapsort")
+    with pytest.raises(TypeError, match="takes only `axis`"):
+        device.argsort(kind="stable")
+    assert FAKE.xp.argsort(device, kind="stable").tolist() == device.argsort().tolist() == [1, 2, 0]
+
+
+@pytest.mark.parametrize("method", ["permutation", "choice", "normal", "shuffle", "bit_generator"])
+def test_fakegpu_generator_has_only_cupys_methods(method):
+    generator = FAKE.random_generator(0)
+    with pytest.raises(AttributeError, match=f"device generator has no '{method}'"):
+        getattr(generator, method)
+    assert type(generator.random((2,), dtype=numpy.float32)) is FakeGpuArray
+
+
+def test_fakegpu_wraps_out_of_range_indices_as_cupy_does():
+    device = fake_array([10.0, 20.0, 30.0])
+    index = FAKE.xp.asarray([3, -4, 1])
+    assert device[index].tolist() == [10.0, 30.0, 20.0]  # 3 -> 0 and -4 -> -1: no IndexError
+    assert FAKE.xp.take_along_axis(device, index, axis=0).tolist() == [10.0, 30.0, 20.0]
+    target = FAKE.xp.zeros(3)
+    FAKE.xp.add.at(target, index, 1.0)
+    assert target.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_fakegpu_names_the_implicit_upload_of_a_host_index():
+    device = fake_array([10.0, 20.0, 30.0])
+    with pytest.raises(TypeError, match=r"CuPy would copy the index to the device implicitly.*asarray\(index\)"):
+        device[numpy.array([0, 1])]
+
+
+def test_fakegpu_adds_at_in_a_shuffled_order():
+    """Atomic adds on a GPU land in any order, so float sums differ in their last bits from run to run; the
+    stand-in shuffles them. (Here: many values whose float32 sum depends on the order.)"""
+    values = FAKE.xp.asarray(numpy.random.default_rng(0).standard_normal(4000).astype(numpy.float32) * 1e3)
+    index = FAKE.xp.zeros(4000, dtype=numpy.int64)
+    sums = set()
+    for _ in range(5):
+        target = FAKE.xp.zeros(1, dtype=numpy.float32)
+        FAKE.xp.add.at(target, index, values)
+        sums.add(target.item())
+    assert len(sums) > 1
+    assert max(sums) - min(sums) < 1e-2 * abs(max(sums)) + 1.0
+
+
+def test_fakegpu_counts_host_reads():
+    from minimoe.backend import host_reads
+
+    device = fake_array([1.0, 0.0, 2.0])
+    before = host_reads()
+    device.get(), device.item if False else None, device.sum().item(), device.tolist(), bool(device[0] > 0)
+    int(device[0]), float(device[0])
+    assert host_reads() - before == 6
+    before = host_reads()
+    FAKE.xp.bincount(FAKE.xp.asarray([0, 1, 1]))  # CuPy reads min and max back
+    device[device > 0]  # the result's size depends on the mask
+    device.nonzero()
+    assert host_reads() - before == 4
+    before = host_reads()
+    (device * 2 + 1).sum(), FAKE.xp.argsort(device, kind="stable"), device[FAKE.xp.asarray([0, 2])]
+    assert host_reads() == before  # pure device work reads nothing back

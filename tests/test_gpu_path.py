@@ -134,3 +134,88 @@ def test_generation_stays_float32(spy):
     model, config = _demo_model()
     generate(model, _batch(config, length=4), max_new_tokens=5, eos_id=1, pad_id=0, temperature=0.9, top_p=0.9)
     spy.assert_float32(least=20)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the sync budget: how often the host waits for the device (counted by fakegpu)
+# --------------------------------------------------------------------------------------------------------------
+# A training step reads back the logged loss, plus each MoE layer's E expert counts: the grouped products need the
+# expert block sizes as host integers (computed once per layer, as DeepSeek-V3's reference code does with
+# bincount(...).tolist()). A decode step reads the end-of-sequence flag and the same block sizes. Everything
+# else — routing counts, the balance bias, index checks, clipping — stays on the device.
+
+def _host_reads_of(run):
+    from minimoe.backend import host_reads
+
+    before = host_reads()
+    run()
+    return host_reads() - before
+
+
+@pytest.fixture
+def fakegpu():
+    with minimoe.use_backend("fakegpu") as chosen:
+        yield chosen
+
+
+@pytest.mark.parametrize("overrides", [{}, {"attention": "mla", "score_func": "sigmoid", "seq_aux_alpha": 0.01,
+                                             "aux_loss_alpha": 0.01, "gate_noise_std": 0.1, "dropout": 0.1}],
+                         ids=["demo", "more_options"])
+def test_a_training_step_stays_within_its_sync_budget(fakegpu, overrides):
+    model, config = _demo_model(**overrides)
+    optimizer = AdamW(model.parameters(), lr=1e-3)
+    scheduler = WarmupCosine(optimizer, 1, 10)
+    ids = _batch(config, batch=16, length=41)
+
+    def step():
+        loss, _ = lm_loss(model, ids[:, :-1], ids[:, 1:])
+        optimizer_step(model, optimizer, scheduler, loss, grad_clip=1.0)
+        model.update_routing_bias()
+        return loss.item()  # the one read the loop needs: the logged loss
+
+    assert _host_reads_of(step) == 1 + len(model.moe_layers())  # 3 for the demo model (it was 10)
+
+
+def test_a_decode_step_stays_within_its_sync_budget(fakegpu):
+    from minimoe.generate import generate
+
+    model, config = _demo_model()
+    prompt = _batch(config, batch=16, length=5)
+    short = _host_reads_of(lambda: generate(model, prompt, 1, eos_id=config.vocab_size, pad_id=0))
+    long = _host_reads_of(lambda: generate(model, prompt, 11, eos_id=config.vocab_size, pad_id=0))
+    assert (long - short) / 10 == 1 + len(model.moe_layers())  # EOS check + block sizes: 3 (it was 9)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# out-of-range indices: NumPy raises, CuPy wraps around; the library checks for itself
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call", [
+    lambda w, ids: F.embedding(ids, w),
+    lambda w, ids: w[ids],
+    lambda w, ids: F.take_along_axis(w, ids.reshape(3, 1), axis=0),
+    lambda w, ids: F.index_add(w, ids, minimoe.ones(3, 2, dtype=w.dtype)),
+    lambda w, ids: F.cross_entropy(w[:3], ids),
+], ids=["embedding", "getitem", "take_along_axis", "index_add", "cross_entropy"])
+@pytest.mark.parametrize("where", ["numpy", "fakegpu_debug"])
+def test_an_out_of_range_index_is_a_clear_error(call, where):
+    from minimoe.backend import set_debug_checks
+
+    previous = set_debug_checks(where == "fakegpu_debug")
+    try:
+        with minimoe.use_backend(where.split("_")[0]):
+            w = minimoe.randn(4, 2, requires_grad=True)
+            ids = minimoe.tensor([0, 7, 1])
+            with pytest.raises(IndexError, match=r"indices range over \[0, 7\] but only .* exist"):
+                call(w, ids)
+    finally:
+        set_debug_checks(previous)
+
+
+def test_device_index_checks_are_debug_only_and_cost_no_sync(fakegpu):
+    from minimoe.backend import debug_checks
+
+    assert not debug_checks()
+    w = minimoe.randn(4, 2)
+    ids = minimoe.tensor([0, 3, 1])
+    assert _host_reads_of(lambda: F.embedding(ids, w)) == 0

@@ -194,7 +194,6 @@ class Gate(Module):
         sequences for the sequence-wise loss; a 2-D input is one sequence."""
         if x.ndim < 2 or x.shape[-1] != self.dim:
             raise ShapeError(f"Gate: expected an input (..., T, dim={self.dim}), got shape {x.shape}")
-        xp = get_array_module(x.data)
         n_sequences, seq_len = math.prod(x.shape[:-2]), x.shape[-2]
         logits = F.linear(x.reshape(-1, self.dim), self.weight)  # (N, E)
         scores = F.softmax(logits) if self.score_func == "softmax" else F.sigmoid(logits)  # (N, E)
@@ -206,7 +205,7 @@ class Gate(Module):
         if self.route_scale != 1:
             weights = weights * self.route_scale
 
-        counts = xp.bincount(indices.reshape(-1), minlength=self.n_routed_experts)  # (E,)
+        counts = backend_of(indices).bincount(indices.reshape(-1), self.n_routed_experts)  # (E,), no sync
         if self.training and self.bias is not None:
             self.load_since_update = counts if self.load_since_update is None else self.load_since_update + counts
         losses = self._balance_losses(logits, scores, indices, counts, n_sequences, seq_len)
@@ -250,8 +249,8 @@ class Gate(Module):
         if self.seq_aux_alpha > 0:
             xp = get_array_module(counts)
             sequence = xp.arange(indices.shape[0]) // seq_len  # (N,)
-            per_sequence = xp.bincount((sequence[:, None] * self.n_routed_experts + indices).reshape(-1),
-                                       minlength=n_sequences * self.n_routed_experts)
+            per_sequence = backend_of(indices).bincount((sequence[:, None] * self.n_routed_experts + indices)
+                                                        .reshape(-1), n_sequences * self.n_routed_experts)
             losses["seq_aux_loss"] = self.seq_aux_alpha * self._expert_balance(
                 probabilities.reshape(n_sequences, seq_len, -1), per_sequence.reshape(n_sequences, -1))
         if self.z_loss_coef > 0:
