@@ -121,10 +121,18 @@ class CupyBackend(Backend):
             raise BackendUnavailableError(
                 "The 'cupy' backend needs CuPy, which is not installed. On a machine with an NVIDIA GPU and "
                 "CUDA 12, install it with:  pip install cupy-cuda12x") from error
-        if not cupy.is_available():
+        try:
+            available = cupy.is_available()
+        except Exception as error:  # CuPy 13 raises (e.g. cudaErrorInsufficientDriver) where 14 returns False
+            raise BackendUnavailableError(
+                f"CuPy is installed but cannot reach a GPU: cupy.is_available() raised {type(error).__name__}: "
+                f"{error}. Is the NVIDIA driver installed (nvidia-smi)? Use the 'numpy' backend on this machine, "
+                "or 'fakegpu' to rehearse GPU rules on the CPU.") from None
+        if not available:
             raise BackendUnavailableError(
                 "CuPy is installed but found no usable NVIDIA GPU (cupy.is_available() is False). "
                 "Use the 'numpy' backend on this machine, or 'fakegpu' to rehearse GPU rules on the CPU.")
+        _smoke_test(cupy)
         self.xp, self.array_type = cupy, cupy.ndarray
 
     def to_numpy(self, array):
@@ -134,6 +142,31 @@ class CupyBackend(Backend):
         import cupyx.scipy.special
 
         return cupyx.scipy.special.erf(x)
+
+
+def _smoke_test(cupy):
+    """One tiny op of each kind the library needs, so a GPU without CUDA's libraries fails here, naming the missing
+    piece, instead of deep inside the first layer."""
+    steps = [
+        ("an elementwise kernel, compiled at run time by NVRTC (libnvrtc from the CUDA toolkit)",
+         lambda x: x * 2 + 1),
+        ("a matrix product, run by cuBLAS (libcublas)", lambda x: x @ x),
+        ("a reduction", lambda x: x.sum(axis=0)),
+        ("copying a value back to the host (.item())", lambda x: x[0, 0].item()),
+    ]
+    try:
+        x = cupy.arange(4, dtype=cupy.float32).reshape(2, 2)
+    except Exception as error:
+        raise BackendUnavailableError(f"CuPy sees a GPU but cannot allocate memory on it ({type(error).__name__}: "
+                                      f"{error})") from None
+    for what, step in steps:
+        try:
+            step(x)
+        except Exception as error:
+            raise BackendUnavailableError(
+                f"CuPy sees a GPU, but {what} failed: {type(error).__name__}: {error}. Install the CUDA libraries "
+                "matching your CuPy package (e.g. CUDA 12 with cupy-cuda12x; see CuPy's installation guide), or "
+                "use the 'numpy' backend.") from None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -548,8 +581,8 @@ def available_backends():
 
 
 def get_backend():
-    """The backend new tensors and parameters are created on."""
-    return _current
+    """The backend new tensors and parameters are created on (at first use: the one MINIMOE_BACKEND names)."""
+    return _current or _backend_from_environment()
 
 
 def set_backend(name):
@@ -557,17 +590,18 @@ def set_backend(name):
     previous one. Tensors that already exist stay where they are."""
     global _current
     previous, _current = _current, backend_named(name)
-    return previous
+    return previous or _backends["numpy"]
 
 
 @contextlib.contextmanager
 def use_backend(name):
     """`with use_backend("cupy"): ...` creates new tensors on CuPy inside the block."""
-    previous = set_backend(name)
+    global _current
+    previous, _current = _current, backend_named(name)
     try:
         yield _current
     finally:
-        set_backend(previous.name)
+        _current = previous
 
 
 def backend_of(array):
@@ -674,7 +708,7 @@ def host_rng():
 
 def device_rng(backend=None):
     """The generator that draws dropout masks and samples on `backend` (default: the current one)."""
-    backend = backend or _current
+    backend = backend or get_backend()
     if backend.name not in _device_rngs:
         _device_rngs[backend.name] = backend.random_generator([_seed, 1])
     return _device_rngs[backend.name]
@@ -694,13 +728,15 @@ def set_random_state(state):
     device_rng(_backend("numpy")).bit_generator.state = state["numpy"]
 
 
-def _set_backend_from_environment():
-    """MINIMOE_BACKEND chooses the backend at import; a bad value fails the import, naming the variable."""
+def _backend_from_environment():
+    """MINIMOE_BACKEND chooses the backend at first use, not at import: a machine without a GPU can still import
+    minimoe with MINIMOE_BACKEND=cupy set, and `set_backend` (or the CLI's --backend) overrides the variable. A bad
+    value fails at that first use, naming the variable."""
+    global _current
     name = os.environ.get("MINIMOE_BACKEND") or "numpy"
     try:
-        set_backend(name)
+        _current = backend_named(name)
     except (ValueError, BackendUnavailableError) as error:
-        raise type(error)(f"environment variable MINIMOE_BACKEND={name!r}: {error}") from None
-
-
-_set_backend_from_environment()
+        raise type(error)(f"environment variable MINIMOE_BACKEND={name!r}: {error} (set_backend(...) or --backend "
+                          "overrides it)") from None
+    return _current

@@ -4,6 +4,7 @@ refuses, so that a host array hidden in an op fails here on the CPU instead of o
 import os
 import subprocess
 import sys
+import types
 
 import numpy
 import pytest
@@ -67,9 +68,9 @@ def test_unknown_backend_name():
 def _cupy_usable():
     try:
         import cupy
-    except ImportError:
+        return bool(cupy.is_available())
+    except Exception:  # not installed, or CuPy 13 raising where there is no driver
         return False
-    return bool(cupy.is_available())
 
 
 @pytest.mark.skipif(_cupy_usable(), reason="CuPy has a GPU here, so set_backend('cupy') succeeds")
@@ -114,6 +115,106 @@ def test_environment_variable_chooses_the_backend():
     result = _backend_in_a_fresh_python("tpu")
     assert result.returncode != 0
     assert "MINIMOE_BACKEND='tpu': unknown backend 'tpu'" in result.stderr
+
+
+def _run_in_a_fresh_python(code, backend_variable):
+    environment = {key: v for key, v in os.environ.items() if key != "MINIMOE_BACKEND"}
+    environment["MINIMOE_BACKEND"] = backend_variable
+    return subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, env=environment, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.skipif(_cupy_usable(), reason="CuPy has a GPU here")
+def test_an_unusable_environment_backend_fails_at_use_not_at_import():
+    result = _run_in_a_fresh_python("import minimoe, minimoe.functional; print('imported')", "cupy")
+    assert result.returncode == 0 and result.stdout.strip() == "imported", result.stderr
+    result = _run_in_a_fresh_python("import minimoe; minimoe.tensor([1.0])", "cupy")
+    assert result.returncode != 0 and "environment variable MINIMOE_BACKEND='cupy'" in result.stderr
+    assert "overrides it" in result.stderr
+    overridden = _run_in_a_fresh_python("import minimoe; minimoe.set_backend('numpy'); "
+                                        "print(minimoe.tensor([1.0]).backend.name)", "cupy")
+    assert overridden.returncode == 0 and overridden.stdout.strip() == "numpy", overridden.stderr
+
+
+class _FakeCupy(types.ModuleType):
+    """A stand-in `cupy` module: is_available() and the smoke ops behave as told."""
+
+    def __init__(self, available=True, failing=None):
+        super().__init__("cupy")
+        self._available, self._failing = available, failing
+        self.float32, self.ndarray = numpy.float32, _FakeCupyArray
+
+    def is_available(self):
+        if isinstance(self._available, Exception):
+            raise self._available
+        return self._available
+
+    def arange(self, n, dtype=None):
+        return _FakeCupyArray(numpy.arange(n, dtype=dtype), self._failing)
+
+
+class _FakeCupyArray:
+    def __init__(self, array, failing):
+        self.array, self.failing = array, failing
+
+    def _fail(self, what, result):
+        if self.failing == what:
+            raise RuntimeError(f"simulated failure: {what}")
+        return _FakeCupyArray(result, self.failing)
+
+    def reshape(self, *shape):
+        return _FakeCupyArray(self.array.reshape(*shape), self.failing)
+
+    def __mul__(self, other):
+        return self._fail("elementwise", self.array * other)
+
+    def __add__(self, other):
+        return self._fail("elementwise", self.array + other)
+
+    def __matmul__(self, other):
+        return self._fail("matmul", self.array @ other.array)
+
+    def sum(self, axis=None):
+        return self._fail("sum", self.array.sum(axis=axis))
+
+    def __getitem__(self, index):
+        return _FakeCupyArray(self.array[index], self.failing)
+
+    def item(self):
+        return self._fail("item", self.array).array.item()
+
+
+def _with_fake_cupy(monkeypatch, module):
+    """Import `module` as cupy, with registries of backends that the test may change and that are put back."""
+    monkeypatch.setitem(sys.modules, "cupy", module)
+    monkeypatch.setattr(backend_module, "_backends",
+                        {name: b for name, b in backend_module._backends.items() if name != "cupy"})
+    monkeypatch.setattr(backend_module, "_backend_by_array_type", dict(backend_module._backend_by_array_type))
+
+
+def test_cupy_13_raising_is_available_is_a_clear_refusal(monkeypatch):
+    """CuPy 13 raises from is_available() where there is no driver (CuPy 14 returns False)."""
+    _with_fake_cupy(monkeypatch, _FakeCupy(available=RuntimeError("cudaErrorInsufficientDriver: CUDA driver "
+                                                                    "version is insufficient")))
+    with pytest.raises(BackendUnavailableError, match=r"is_available\(\) raised RuntimeError: "
+                                                      r"cudaErrorInsufficientDriver.*'numpy' backend"):
+        minimoe.set_backend("cupy")
+    assert "cupy" not in minimoe.available_backends()
+    assert minimoe.get_backend().name == "numpy"
+
+
+@pytest.mark.parametrize("failing, named", [("elementwise", "NVRTC"), ("matmul", "cuBLAS"), ("sum", "reduction"),
+                                            ("item", r"\.item\(\)")])
+def test_cupy_smoke_test_names_the_missing_piece(monkeypatch, failing, named):
+    _with_fake_cupy(monkeypatch, _FakeCupy(failing=failing))
+    with pytest.raises(BackendUnavailableError, match=f"CuPy sees a GPU, but .*{named}.*simulated failure"):
+        minimoe.set_backend("cupy")
+
+
+def test_cupy_that_works_passes_the_smoke_test(monkeypatch):
+    _with_fake_cupy(monkeypatch, _FakeCupy())
+    chosen = backend_module.backend_named("cupy")
+    assert chosen.name == "cupy" and chosen.xp is sys.modules["cupy"]
 
 
 def test_get_array_module():
