@@ -14,6 +14,7 @@ to Tensor. This file is the whole engine.
 """
 
 import functools
+import weakref
 
 from . import backend
 
@@ -115,7 +116,7 @@ class Function:
     stays float32).
     """
 
-    __slots__ = ("inputs", "saved", "needs_grad")
+    __slots__ = ("inputs", "saved", "needs_grad", "retained")
     changes_dtype = False  # True for the one op whose job is to change the dtype (Cast)
 
     def save(self, *arrays):
@@ -324,6 +325,14 @@ class Tensor:
         raise TypeError("Tensors in a graph are not modified in place (backward would see the new values). "
                         "Build a new tensor instead, e.g. F.where(mask, value, x) or x.masked_fill(mask, value).")
 
+    def retain_grad(self):
+        """Keep this intermediate tensor's gradient in `.grad` at the next backward (by default only leaves get
+        one), to look at how the gradient flows through a graph. A no-op on a leaf that requires grad."""
+        if not self.requires_grad:
+            raise RuntimeError("retain_grad(): this tensor does not require grad, so it will get no gradient")
+        if self.creator is not None:
+            self.creator.retained = weakref.ref(self)
+
     # ---- leaving the graph, leaving the device ----------------------------------------------------------------
     def detach(self):
         """The same data as a new leaf that does not require grad: gradients stop here."""
@@ -396,6 +405,9 @@ class Tensor:
         for function in reversed(_topological_order(self.creator)):
             output_grad = grads.pop(function, None)
             if output_grad is not None:
+                retained = getattr(function, "retained", None)
+                if retained is not None and retained() is not None:  # an output that asked for retain_grad()
+                    _accumulate(retained(), output_grad)
                 input_grads = _call_backward(function, output_grad)
                 if not isinstance(input_grads, tuple):
                     input_grads = (input_grads,)

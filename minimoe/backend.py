@@ -23,7 +23,8 @@ import numpy
 
 __all__ = [
     "Backend", "BackendUnavailableError", "get_backend", "set_backend", "use_backend", "available_backends",
-    "get_array_module", "backend_of", "backend_named", "manual_seed", "host_rng", "random_state", "set_random_state",
+    "get_array_module", "backend_of", "backend_named", "to_host", "manual_seed", "host_rng", "device_rng", "DeviceGenerator",
+    "random_state", "set_random_state",
     "keep_freed_host_memory", "debug_checks", "set_debug_checks", "check_index_range", "host_reads",
 ]
 
@@ -615,6 +616,16 @@ def backend_of(array):
                         "(for a Tensor, pass its array: tensor.data)") from None
 
 
+def to_host(array):
+    """A host NumPy array from an array of any backend (a copy for device arrays; NumPy arrays, lists and numbers
+    pass through as they are). The explicit door to the host for code that does not know where its array lives,
+    e.g. saving a checkpoint."""
+    try:
+        return backend_of(array).to_numpy(array)
+    except TypeError:
+        return array
+
+
 def get_array_module(array):
     """numpy, cupy or the fakegpu module: whichever library `array` belongs to (DeZero's idiom)."""
     return backend_of(array).xp
@@ -706,26 +717,75 @@ def host_rng():
     return _host_rng
 
 
+class DeviceGenerator:
+    """The random generator of a device backend (CuPy, fakegpu), with a state that can be saved.
+
+    CuPy's generators keep their state in device memory and cannot hand it out, so a resumed run could not draw
+    the numbers an uninterrupted one would have. This one is counter-based: draw number n comes from a fresh
+    device generator seeded with (seed, n), so its whole state is two integers — the seed and how many draws it has
+    made — which a checkpoint stores as JSON. (Seeding costs a little per draw: one draw per dropout layer or
+    sampling step, never per element.) It offers the draws the library needs, with CuPy's signatures."""
+
+    def __init__(self, backend_name, seed):
+        self.backend_name, self.seed, self.draws = backend_name, [int(s) for s in seed], 0
+
+    def _next(self):
+        key = numpy.random.SeedSequence(self.seed + [self.draws]).generate_state(1, numpy.uint32)[0]
+        self.draws += 1
+        return _backend(self.backend_name).random_generator(int(key))
+
+    def random(self, size=None, dtype="float64"):
+        """Uniform [0, 1) numbers of shape `size` on the device."""
+        return self._next().random(size, dtype=dtype)
+
+    def standard_normal(self, size=None, dtype="float64"):
+        """Normal(0, 1) numbers of shape `size` on the device."""
+        return self._next().standard_normal(size, dtype=dtype)
+
+    def integers(self, low, high=None, size=None, dtype="int64"):
+        """Integers in [low, high) of shape `size` on the device."""
+        return self._next().integers(low, high, size, dtype=dtype)
+
+    @property
+    def state(self):
+        return {"seed": list(self.seed), "draws": self.draws}
+
+    @state.setter
+    def state(self, state):
+        self.seed, self.draws = [int(s) for s in state["seed"]], int(state["draws"])
+
+
 def device_rng(backend=None):
-    """The generator that draws dropout masks and samples on `backend` (default: the current one)."""
+    """The generator that draws dropout masks, gate noise and samples on `backend` (default: the current one):
+    NumPy's own Generator on the NumPy backend, a `DeviceGenerator` on CuPy and fakegpu."""
     backend = backend or get_backend()
     if backend.name not in _device_rngs:
-        _device_rngs[backend.name] = backend.random_generator([_seed, 1])
+        _device_rngs[backend.name] = backend.random_generator([_seed, 1]) if backend.device == "cpu" \
+            else DeviceGenerator(backend.name, [_seed, 1])
     return _device_rngs[backend.name]
 
 
 def random_state():
-    """The state of the host generator and of the NumPy device generator, as JSON-friendly dicts
-    (checkpoints save it so a resumed run draws the same numbers)."""
-    return {"seed": _seed, "host": _host_rng.bit_generator.state,
-            "numpy": device_rng(_backend("numpy")).bit_generator.state}
+    """The state of the host generator and of every device generator used so far, as JSON-friendly dicts
+    (checkpoints save it so a resumed run draws the same numbers, on every backend)."""
+    state = {"seed": _seed, "host": _host_rng.bit_generator.state,
+             "numpy": device_rng(_backend("numpy")).bit_generator.state}
+    for name, generator in _device_rngs.items():
+        if name != "numpy":
+            state[name] = generator.state
+    return state
 
 
 def set_random_state(state):
-    """Restore what `random_state()` returned."""
+    """Restore what `random_state()` returned (a state saved before device generators were saved restores the
+    host and NumPy generators, and starts the device ones from the seed)."""
     manual_seed(state["seed"])
     _host_rng.bit_generator.state = state["host"]
     device_rng(_backend("numpy")).bit_generator.state = state["numpy"]
+    for name in ("cupy", "fakegpu"):
+        if name in state:
+            _device_rngs[name] = DeviceGenerator(name, [_seed, 1])
+            _device_rngs[name].state = state[name]
 
 
 def _backend_from_environment():

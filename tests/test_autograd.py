@@ -474,3 +474,50 @@ def test_permute_and_reshape_round_trips(shape, data):
     np.testing.assert_array_equal(to_numpy(x.grad), np.transpose(upstream, inverse))
     check_op(lambda a: a.permute(*order).reshape(-1), lambda t: t.permute(*order).reshape(-1), arrays=[values],
              gradcheck=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# looking inside: retain_grad, and the names a reader meets
+# --------------------------------------------------------------------------------------------------------------
+
+def test_retain_grad_keeps_an_intermediate_gradient(backend):
+    x = leaf(np.array([1.0, -2.0, 3.0]))
+    h = x * x  # dL/dh = 2 (from 2h) + 1 (from h) = 3 everywhere
+    h.retain_grad()
+    ((h * 2.0) + h).sum().backward()
+    check_close(h.grad, np.full(3, 3.0), name="h.grad")
+    check_close(x.grad, 3.0 * 2 * np.array([1.0, -2.0, 3.0]), name="x.grad")
+    unretained = x * 3.0
+    (unretained * 1.0).sum().backward()
+    assert unretained.grad is None  # only asked-for intermediates keep a gradient
+
+
+def test_retain_grad_needs_a_tensor_that_requires_grad():
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        minimoe.tensor([1.0]).retain_grad()
+    x = minimoe.tensor([1.0], requires_grad=True)
+    x.retain_grad()  # a leaf: nothing to do
+    (x * 2.0).sum().backward()
+    assert x.grad.tolist() == [2.0]
+
+
+def test_gradients_the_engine_owns_are_never_shared_with_a_backward():
+    """Fan-out: y feeds three ops, two of which (Add) hand their g on unchanged; the sum the engine builds for y
+    must be a new array, so adding into it never changes an upstream gradient."""
+    x = minimoe.tensor([1.0, 2.0], requires_grad=True, dtype="float64")
+    y = x * 1.0
+    y.retain_grad()
+    z = y + y
+    w = z + y
+    upstream = minimoe.tensor([1.0, 10.0], dtype="float64")
+    (w * 1.0).backward(upstream)
+    assert y.grad.tolist() == [3.0, 30.0] and x.grad.tolist() == [3.0, 30.0] and upstream.tolist() == [1.0, 10.0]
+
+
+def test_device_rng_and_to_host_are_public():
+    assert minimoe.device_rng is minimoe.backend.device_rng
+    assert minimoe.to_host is minimoe.backend.to_host
+    with minimoe.use_backend("fakegpu"):
+        host = minimoe.to_host(minimoe.tensor([1.0, 2.0]).data)
+    assert type(host) is np.ndarray and host.tolist() == [1.0, 2.0]
+    assert minimoe.to_host([3, 4]) == [3, 4]

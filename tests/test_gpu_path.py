@@ -219,3 +219,99 @@ def test_device_index_checks_are_debug_only_and_cost_no_sync(fakegpu):
     w = minimoe.randn(4, 2)
     ids = minimoe.tensor([0, 3, 1])
     assert _host_reads_of(lambda: F.embedding(ids, w)) == 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reproducible resume on a device backend: the device generator's state is saved with the checkpoint
+# --------------------------------------------------------------------------------------------------------------
+
+def test_the_device_generator_state_round_trips_through_json(fakegpu):
+    import json
+
+    from minimoe.backend import device_rng, random_state, set_random_state
+
+    minimoe.manual_seed(5)
+    generator = device_rng()
+    generator.random((3,), dtype="float32")
+    state = json.loads(json.dumps(random_state()))
+    expected = [generator.random((4,), dtype="float32").tolist(), generator.standard_normal((2,)).tolist()]
+    minimoe.manual_seed(0)  # somewhere else entirely
+    device_rng().random((7,))
+    set_random_state(state)
+    assert [device_rng().random((4,), dtype="float32").tolist(), device_rng().standard_normal((2,)).tolist()] == expected
+
+
+def test_a_state_saved_before_device_generators_still_loads():
+    from minimoe.backend import random_state, set_random_state
+
+    old = {key: value for key, value in random_state().items() if key in ("seed", "host", "numpy")}
+    set_random_state(old)
+
+
+@pytest.fixture
+def deterministic_adds(monkeypatch):
+    """Bit-exact comparisons on fakegpu need add.at in a fixed order; on a real GPU atomic adds make a resumed run
+    equal to an uninterrupted one only up to float rounding (see the README's GPU section)."""
+    monkeypatch.setattr("minimoe.backend.deterministic_atomic_adds", True)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _stop_at(step_to_stop):
+    def on_step(step, record):
+        if step == step_to_stop:
+            raise _Interrupt
+    return on_step
+
+
+def _tiny(seed=0, **overrides):
+    minimoe.manual_seed(seed)
+    return Transformer(ModelConfig(**{**dict(vocab_size=26, dim=16, n_layers=1, n_heads=2, n_routed_experts=4,
+                                             moe_inter_dim=8, max_seq_len=48), **overrides}))
+
+
+def _host_parameters(model):
+    return {name: minimoe.to_host(p).copy() for name, p in model.state_dict().items()}
+
+
+def test_pretraining_resumes_bit_for_bit_on_fakegpu(tmp_path, fakegpu, deterministic_adds):
+    """Dropout and gate noise draw from the device generator: both must continue where they stopped."""
+    from minimoe.tasks import AdditionTask
+    from minimoe.train import PretrainConfig, pretrain
+
+    config = PretrainConfig(steps=5, batch_size=8, warmup_steps=2, eval_every=5, eval_batch_size=8,
+                            checkpoint_every=2, seed=3)
+    options = dict(dropout=0.1, gate_noise_std=0.5, bias_update_speed=1e-2)
+    straight = _tiny(**options)
+    pretrain(straight, AdditionTask(3), config, out_dir=str(tmp_path / "a"), progress=False)
+    with pytest.raises(_Interrupt):
+        pretrain(_tiny(**options), AdditionTask(3), config, out_dir=str(tmp_path / "b"), progress=False,
+                 on_step=_stop_at(3))
+    resumed = _tiny(seed=99, **options)
+    minimoe.manual_seed(12345)
+    pretrain(resumed, AdditionTask(3), config, out_dir=str(tmp_path / "b"),
+             resume_from=str(tmp_path / "b" / "pretrain_last"), progress=False)
+    for name, value in _host_parameters(straight).items():
+        np.testing.assert_array_equal(_host_parameters(resumed)[name], value, err_msg=name)
+
+
+def test_grpo_resumes_bit_for_bit_on_fakegpu_including_sampling(tmp_path, fakegpu, deterministic_adds):
+    from minimoe.rl import GRPOConfig, train_grpo
+    from minimoe.tasks import AdditionTask
+
+    config = GRPOConfig(steps=4, prompts_per_step=2, group_size=4, warmup_steps=1, max_new_tokens=12,
+                        checkpoint_every=2, seed=1)
+    straight = _tiny()
+    expected = train_grpo(straight, AdditionTask(3), config, out_dir=str(tmp_path / "a"), progress=False)
+    with pytest.raises(_Interrupt):
+        train_grpo(_tiny(), AdditionTask(3), config, out_dir=str(tmp_path / "b"), progress=False,
+                   on_step=_stop_at(3))
+    resumed = _tiny(seed=7)
+    minimoe.manual_seed(4321)
+    history = train_grpo(resumed, AdditionTask(3), config, out_dir=str(tmp_path / "b"),
+                         resume_from=str(tmp_path / "b" / "rl_last"), progress=False)
+    assert [r["mean_length"] for r in history["steps"]] == [r["mean_length"] for r in expected["steps"]]
+    for name, value in _host_parameters(straight).items():
+        np.testing.assert_array_equal(_host_parameters(resumed)[name], value, err_msg=name)
