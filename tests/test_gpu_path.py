@@ -315,3 +315,33 @@ def test_grpo_resumes_bit_for_bit_on_fakegpu_including_sampling(tmp_path, fakegp
     assert [r["mean_length"] for r in history["steps"]] == [r["mean_length"] for r in expected["steps"]]
     for name, value in _host_parameters(straight).items():
         np.testing.assert_array_equal(_host_parameters(resumed)[name], value, err_msg=name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# python -m minimoe.gpucheck
+# --------------------------------------------------------------------------------------------------------------
+
+def test_gpucheck_without_a_gpu_says_so_and_exits_2():
+    import os
+    import subprocess
+    import sys
+
+    from minimoe.backend import BackendUnavailableError, backend_named
+
+    try:
+        backend_named("cupy")
+        pytest.skip("a GPU is usable here")
+    except BackendUnavailableError:
+        pass
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-m", "minimoe.gpucheck"], cwd=root, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": root}, timeout=120)
+    assert result.returncode == 2
+    assert "no usable GPU here" in result.stderr and "Traceback" not in result.stderr + result.stdout
+
+
+def test_gpucheck_comparison_passes_on_the_stand_in():
+    from minimoe.gpucheck import compare_with_numpy
+
+    checks = compare_with_numpy("fakegpu", batch=4, length=17, new_tokens=4)
+    assert len(checks) == 5 and all(check.ok for check in checks), "\n".join(map(str, checks))
