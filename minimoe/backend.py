@@ -590,8 +590,13 @@ def set_backend(name):
     """Make `name` ("numpy", "cupy" or "fakegpu"; or "cpu", "gpu") the backend for new tensors; returns the
     previous one. Tensors that already exist stay where they are."""
     global _current
-    previous, _current = _current, backend_named(name)
-    return previous or _backends["numpy"]
+    chosen = backend_named(name)
+    try:
+        previous = get_backend()
+    except (ValueError, BackendUnavailableError):  # MINIMOE_BACKEND names one that cannot run: this overrides it
+        previous = _backends["numpy"]
+    _current = chosen
+    return previous
 
 
 @contextlib.contextmanager
