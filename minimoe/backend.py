@@ -10,7 +10,8 @@ operation. The "fakegpu" backend copies that behaviour on the CPU, so a stray ho
 test on a laptop instead of on a student's GPU.
 
 Choose a backend with `minimoe.set_backend("numpy" | "cupy" | "fakegpu")`, the `use_backend(...)` context
-manager, or the environment variable `MINIMOE_BACKEND` (read once, at import).
+manager, or the environment variable `MINIMOE_BACKEND` (read at the first `get_backend()`, not at import, so
+`set_backend` overrides it).
 """
 
 import builtins
@@ -23,7 +24,8 @@ import numpy
 
 __all__ = [
     "Backend", "BackendUnavailableError", "get_backend", "set_backend", "use_backend", "available_backends",
-    "get_array_module", "backend_of", "backend_named", "to_host", "manual_seed", "host_rng", "device_rng", "DeviceGenerator",
+    "get_array_module", "backend_of", "backend_named", "to_host", "manual_seed", "host_rng", "device_rng",
+    "DeviceGenerator",
     "random_state", "set_random_state",
     "keep_freed_host_memory", "debug_checks", "set_debug_checks", "check_index_range", "host_reads",
 ]
@@ -406,8 +408,8 @@ def _ufunc_method(ufunc, method):
     if method == "at":
         return functools.partial(_shuffled_at, ufunc)
     if method == "reduce" and ufunc.__name__ not in ("add", "multiply"):
-        raise TypeError(f"fakegpu: {ufunc.__name__}.reduce is not in CuPy (its ufunc.reduce covers add and multiply); use "
-                        f"the reduction function, e.g. xp.max(x, axis) for maximum.reduce")
+        raise TypeError(f"fakegpu: {ufunc.__name__}.reduce is not in CuPy (its ufunc.reduce covers add and "
+                        "multiply); use the reduction function, e.g. xp.max(x, axis) for maximum.reduce")
     if method not in ("reduce", "outer"):
         raise TypeError(f"fakegpu: {ufunc.__name__}.{method} is not in CuPy")
     return getattr(ufunc, method)

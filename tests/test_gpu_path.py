@@ -238,7 +238,8 @@ def test_the_device_generator_state_round_trips_through_json(fakegpu):
     minimoe.manual_seed(0)  # somewhere else entirely
     device_rng().random((7,))
     set_random_state(state)
-    assert [device_rng().random((4,), dtype="float32").tolist(), device_rng().standard_normal((2,)).tolist()] == expected
+    again = [device_rng().random((4,), dtype="float32").tolist(), device_rng().standard_normal((2,)).tolist()]
+    assert again == expected
 
 
 def test_a_state_saved_before_device_generators_still_loads():
