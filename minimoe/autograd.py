@@ -112,8 +112,8 @@ class Function:
 
     The dtype rule: the tensor inputs of an op share one floating dtype (float32 with float64, or an integer
     tensor with a float one, raises: cast with `.astype(...)` first; boolean masks may join in), and an op never
-    turns integer inputs into a float result by itself. Python numbers take the tensor's dtype (`x * 0.5`
-    stays float32).
+    turns integer inputs into a float result by itself. Numbers (Python's, and NumPy scalars) take the tensor's
+    dtype (`x * 0.5` stays float32).
     """
 
     __slots__ = ("inputs", "saved", "needs_grad", "retained")
@@ -192,14 +192,16 @@ def _common_float_dtype(op_name, tensors):
 
 def _constant_like(value, reference, op_name):
     """A Python number (or, on NumPy, an array or list) used in an op with tensors becomes a constant on the same
-    backend. Python numbers take the tensor's float dtype, so `x * 0.5` stays float32. On a device backend a host
+    backend. Numbers — Python's and NumPy's scalars — take the tensor's float dtype, so `x * 0.5` and
+    `x / np.int64(3)` stay float32. On a device backend a host
     array is refused, as CuPy refuses it: nothing is copied to the device behind your back."""
     xp = backend.get_array_module(reference.data)
     if reference.backend.device != "cpu" and isinstance(value, (backend.numpy.ndarray, list, tuple)):
         raise TypeError(f"{op_name}: a host {type(value).__name__} meets a {reference.backend.name} tensor; nothing "
                         "is copied to the device implicitly (CuPy refuses this too). Move it explicitly: "
                         "minimoe.tensor(value) or get_backend().asarray(value)")
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    is_number = isinstance(value, (int, float, backend.numpy.integer, backend.numpy.floating)) \
+        and not isinstance(value, bool)
     dtype = reference.dtype if reference.dtype.kind == "f" and is_number else None
     return Tensor(xp.asarray(value, dtype=dtype))
 

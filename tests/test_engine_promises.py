@@ -73,6 +73,7 @@ def test_an_integer_tensor_in_a_float_op_raises():
 def test_python_numbers_take_the_tensor_dtype():
     x = minimoe.ones(2, dtype="float32")
     assert (x * 0.1).dtype == (2 ** x).dtype == (x / 3).dtype == np.float32
+    assert (x / np.int64(3)).dtype == (x * np.float64(0.5)).dtype == np.float32  # NumPy scalars are numbers too
 
 
 # --------------------------------------------------------------------------------------------------------------

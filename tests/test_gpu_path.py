@@ -141,8 +141,8 @@ def test_generation_stays_float32(spy):
 # --------------------------------------------------------------------------------------------------------------
 # A training step reads back the logged loss, plus each MoE layer's E expert counts: the grouped products need the
 # expert block sizes as host integers (computed once per layer, as DeepSeek-V3's reference code does with
-# bincount(...).tolist()). A decode step reads the end-of-sequence flag and the same block sizes. Everything
-# else — routing counts, the balance bias, index checks, clipping — stays on the device.
+# bincount(...).tolist()). A decode step reads only the end-of-sequence flag: its few tokens take the MoE's
+# sync-free path. Everything else — routing counts, the balance bias, index checks, clipping — stays on the device.
 
 def _host_reads_of(run):
     from minimoe.backend import host_reads
@@ -183,7 +183,23 @@ def test_a_decode_step_stays_within_its_sync_budget(fakegpu):
     prompt = _batch(config, batch=16, length=5)
     short = _host_reads_of(lambda: generate(model, prompt, 1, eos_id=config.vocab_size, pad_id=0))
     long = _host_reads_of(lambda: generate(model, prompt, 11, eos_id=config.vocab_size, pad_id=0))
-    assert (long - short) / 10 == 1 + len(model.moe_layers())  # EOS check + block sizes: 3 (it was 9)
+    assert (long - short) / 10 == 1  # the EOS check only (it was 9: EOS, embedding range check, MoE counts)
+
+
+@pytest.mark.parametrize("n_shared_experts", [0, 1])
+def test_the_sync_free_decode_path_equals_the_grouped_one(backend, float64, monkeypatch, n_shared_experts):
+    from minimoe.nn import MoE
+
+    minimoe.manual_seed(0)
+    layer = MoE(dim=8, n_routed_experts=4, n_activated_experts=2, moe_inter_dim=6, n_shared_experts=n_shared_experts)
+    layer.eval()
+    x = minimoe.randn(3, 5, 8)
+    with minimoe.no_grad():
+        sync_free = layer(x)
+        monkeypatch.setattr(layer, "sync_free_tokens", 0)
+        grouped = layer(x)
+    assert sync_free.shape == grouped.shape == (3, 5, 8)
+    np.testing.assert_allclose(sync_free.numpy(), grouped.numpy(), rtol=1e-12, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------------------------

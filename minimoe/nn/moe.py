@@ -17,7 +17,7 @@ import math
 from collections import namedtuple
 
 from .. import functional as F
-from ..autograd import Function, ShapeError, Tensor, get_default_dtype
+from ..autograd import Function, ShapeError, Tensor, get_default_dtype, is_grad_enabled
 from ..backend import backend_of, device_rng, get_array_module, get_backend
 from .module import Linear, Module, ModuleList, Parameter, init_uniform
 
@@ -319,6 +319,9 @@ class MoE(Module):
     experts only. Eval mode never drops and never adds noise, so a token's output does not depend on the rest
     of the batch and routing is deterministic, as generation and the RL loop need. The bias still applies.
 
+    Decoding (under no_grad, at most `sync_free_tokens` tokens): every expert runs on every token and each token
+    keeps its K outputs, so the layer needs no block sizes on the host (see `_every_expert_on_every_token`).
+
     After each forward:
       balance_loss -- a 0-d Tensor in the graph, the sum of the enabled balance terms (None when none is on);
                       add it to the training loss
@@ -328,6 +331,8 @@ class MoE(Module):
                       "dropped" (token, expert) assignments dropped by the capacity; and the value of each
                       enabled balance term ("aux_loss", "seq_aux_loss", "z_loss")
     """
+
+    sync_free_tokens = 64  # decode steps up to this many tokens take the sync-free path
 
     def __init__(self, dim, n_routed_experts, n_activated_experts, moe_inter_dim, n_shared_experts=0,
                  capacity_factor=None, **gate_options):
@@ -351,6 +356,11 @@ class MoE(Module):
         routing = self.gate(x)
         tokens = x.reshape(-1, self.dim)  # (N, dim)
         n = tokens.shape[0]
+        if n <= self.sync_free_tokens and not is_grad_enabled():  # a decode step: no block sizes, no host sync
+            routed = self._every_expert_on_every_token(tokens, routing)
+            y = routed if self.shared_experts is None else self.shared_experts(tokens) + routed
+            self._record(routing, xp.zeros((), dtype=routing.counts.dtype))
+            return y.reshape(x.shape)
 
         # Dispatch: one stable sort groups the N·K (token, expert) assignments by expert. Expert batch boundaries
         # must be host integers to slice with: copying the E counts is this layer's one small device->host sync.
@@ -379,6 +389,19 @@ class MoE(Module):
 
         self._record(routing, dropped)
         return y.reshape(x.shape)
+
+    def _every_expert_on_every_token(self, tokens, routing):
+        """Σ_k g_{t,k} · expert_{i(t,k)}(u_t) without host integers, for a few tokens under no_grad (decoding).
+        Every expert runs on every token, one batched product per weight matrix, and each token keeps the outputs
+        of its K experts. That is E/K times the routed FLOPs, but a decode step is bound by reading the weights,
+        which this reads once each (as the grouped path does when all experts are used), and the host never waits
+        for the block sizes: a GPU decode step stays free of syncs."""
+        xp = get_array_module(tokens.data)
+        w1, w3, w2 = (F.stack([getattr(e, name).weight for e in self.experts]) for name in ("w1", "w3", "w2"))
+        hidden = F.swiglu(tokens @ F.transpose(w1), tokens @ F.transpose(w3))  # (E, N, I)
+        outputs = hidden @ F.transpose(w2)  # (E, N, dim): expert e on token t
+        picked = outputs[routing.indices, xp.arange(tokens.shape[0])[:, None]]  # (N, K, dim)
+        return (picked * routing.weights.unsqueeze(-1)).sum(axis=1)  # (N, dim)
 
     def _capacity(self, n_tokens):
         if self.capacity_factor is None:
