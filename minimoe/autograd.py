@@ -112,8 +112,8 @@ class Function:
 
     The dtype rule: the tensor inputs of an op share one floating dtype (float32 with float64, or an integer
     tensor with a float one, raises: cast with `.astype(...)` first; boolean masks may join in), and an op never
-    turns integer inputs into a float result by itself. Numbers (Python's, and NumPy scalars) take the tensor's
-    dtype (`x * 0.5` stays float32).
+    turns integer inputs into a float result by itself. Numbers (Python's, and NumPy scalars) and integer
+    arrays that are not tensors (counts) take the tensor's dtype (`x * 0.5` stays float32).
     """
 
     __slots__ = ("inputs", "saved", "needs_grad", "retained")
@@ -146,7 +146,13 @@ class Function:
                     f"and {backend.backend_of(x.data).name}); move one with .to(...) first")
             tensors.append(x)
             arrays.append(x.data)
-        float_dtype = _common_float_dtype(self.name, tensors)
+        float_dtype = arrays[0].dtype
+        for array in arrays:  # the usual case, one dtype, costs a comparison per input
+            if array.dtype != float_dtype:
+                float_dtype = _common_float_dtype(self.name, tensors)
+                break
+        else:
+            float_dtype = float_dtype if float_dtype.kind == "f" else None
         try:
             output = self.forward(*arrays)
         except ShapeError:
@@ -179,7 +185,8 @@ def _shapes(tensors):
 
 
 def _common_float_dtype(op_name, tensors):
-    """The one floating dtype of an op's tensor inputs (None if none is floating); mixing dtypes raises."""
+    """The one floating dtype of inputs of several dtypes (None if none is floating): only boolean masks may join
+    a floating dtype; anything else would be promoted silently, and raises."""
     floats = {x.dtype for x in tensors if x.dtype.kind == "f"}
     if not floats:
         return None
@@ -192,9 +199,10 @@ def _common_float_dtype(op_name, tensors):
 
 def _constant_like(value, reference, op_name):
     """A Python number (or, on NumPy, an array or list) used in an op with tensors becomes a constant on the same
-    backend. Numbers — Python's and NumPy's scalars — take the tensor's float dtype, so `x * 0.5` and
-    `x / np.int64(3)` stay float32. On a device backend a host
-    array is refused, as CuPy refuses it: nothing is copied to the device behind your back."""
+    backend. Numbers — Python's and NumPy's scalars — and integer arrays (counts) take the tensor's float dtype, so
+    `x * 0.5`, `x / np.int64(3)` and `x / counts` stay float32; a float array of another precision is not
+    converted (the op then refuses to mix dtypes). On a device backend a host array or list is refused, as CuPy
+    refuses it: nothing is copied to the device behind your back."""
     xp = backend.get_array_module(reference.data)
     if reference.backend.device != "cpu" and isinstance(value, (backend.numpy.ndarray, list, tuple)):
         raise TypeError(f"{op_name}: a host {type(value).__name__} meets a {reference.backend.name} tensor; nothing "
@@ -203,7 +211,10 @@ def _constant_like(value, reference, op_name):
     is_number = isinstance(value, (int, float, backend.numpy.integer, backend.numpy.floating)) \
         and not isinstance(value, bool)
     dtype = reference.dtype if reference.dtype.kind == "f" and is_number else None
-    return Tensor(xp.asarray(value, dtype=dtype))
+    constant = xp.asarray(value, dtype=dtype)
+    if reference.dtype.kind == "f" and constant.dtype.kind in "iu":  # counts, ids: exact in the tensor's dtype
+        constant = constant.astype(reference.dtype)
+    return Tensor(constant)
 
 
 def _as_array_like(value, array_type, op_name):
@@ -401,6 +412,8 @@ class Tensor:
         if self.creator is None:
             _accumulate(self, grad)
             return
+        if type(grad) is backend.numpy.ndarray:
+            grad = grad.view()  # the engine marks the gradients it hands to backwards read-only: not the caller's
         grads = {self.creator: grad}  # Function -> gradient of its output, summed over all its uses
         owned = set()  # Functions whose gradient in grads is an array this engine made: no one else holds it,
         #                so adding into it in place (+=) is safe
@@ -434,10 +447,10 @@ class Tensor:
 
 
 def _call_backward(function, g):
-    """function.backward(g), keeping the contract "never write into g": on NumPy, g is handed over as a read-only
-    view (CuPy arrays have no such flag; the NumPy tests catch a backward that breaks it)."""
+    """function.backward(g), keeping the contract "never write into g": on NumPy, g is handed over read-only
+    (CuPy arrays have no such flag; the NumPy tests catch a backward that breaks it). Every g here is the engine's
+    own array, or a view of one (the caller's gradient is wrapped in a view first), so no one else's flag changes."""
     if type(g) is backend.numpy.ndarray:
-        g = g.view()
         g.flags.writeable = False
     try:
         return function.backward(g)

@@ -74,6 +74,7 @@ def test_python_numbers_take_the_tensor_dtype():
     x = minimoe.ones(2, dtype="float32")
     assert (x * 0.1).dtype == (2 ** x).dtype == (x / 3).dtype == np.float32
     assert (x / np.int64(3)).dtype == (x * np.float64(0.5)).dtype == np.float32  # NumPy scalars are numbers too
+    assert (x / np.array([1, 2])).tolist() == [1.0, 0.5] and (x / np.array([1, 2])).dtype == np.float32  # counts
 
 
 # --------------------------------------------------------------------------------------------------------------
