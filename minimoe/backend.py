@@ -141,6 +141,11 @@ class CupyBackend(Backend):
     def to_numpy(self, array):
         return self.xp.asnumpy(array)
 
+    def random_generator(self, seed):
+        """A generator on cuRAND's Philox4x32-10. It is counter-based, so seeding a fresh one (as DeviceGenerator does
+        for every draw) is one light kernel; CuPy's default, XORWOW, skips ahead once per GPU thread to seed."""
+        return self.xp.random.Generator(self.xp.random.Philox4x3210(seed))
+
     def erf(self, x):
         import cupyx.scipy.special
 
@@ -438,8 +443,10 @@ def _shuffled_at(ufunc, target, index, values=None):
 
 _shuffler = numpy.random.default_rng()  # not seeded: a GPU's order of atomic adds is not reproducible either
 
-_CUPY_GENERATOR_METHODS = {"random", "standard_normal", "integers", "uniform", "standard_exponential",
-                           "exponential", "gamma", "standard_gamma", "beta", "binomial", "poisson", "geometric"}
+_CUPY_GENERATOR_METHODS = {  # cupy.random.Generator (CuPy 13/14); no normal, choice, permutation, shuffle, state
+    "beta", "binomial", "chisquare", "dirichlet", "exponential", "f", "gamma", "geometric", "hypergeometric",
+    "integers", "logseries", "poisson", "power", "random", "standard_exponential", "standard_gamma",
+    "standard_normal", "uniform"}
 
 
 def _call_like_cupy(func, name, args, kwargs):
@@ -452,11 +459,9 @@ def _call_like_cupy(func, name, args, kwargs):
         raise TypeError(f"fakegpu: {name}(kind={raw_kwargs['kind']!r}): CuPy sorts with kind=None or 'stable' only")
     if name in ("take_along_axis", "take"):
         raw_args = _wrap_take(name, raw_args, raw_kwargs)
-    if name in ("bincount",):
+    if name == "bincount":
         _count_host_read(2)  # CuPy reads min(x) < 0 and max(x) back to size the result
-    elif name in ("nonzero", "flatnonzero", "argwhere", "unique"):
-        _count_host_read()
-    elif name == "repeat" and not isinstance(raw_args[1] if len(raw_args) > 1 else raw_kwargs.get("repeats"), int):
+    elif name in ("nonzero", "flatnonzero", "argwhere", "unique"):  # the result's size depends on the data
         _count_host_read()
     return _to_device(func(*raw_args, **raw_kwargs))
 
@@ -731,7 +736,8 @@ class DeviceGenerator:
     the numbers an uninterrupted one would have. This one is counter-based: draw number n comes from a fresh
     device generator seeded with (seed, n), so its whole state is two integers — the seed and how many draws it has
     made — which a checkpoint stores as JSON. (Seeding costs a little per draw: one draw per dropout layer or
-    sampling step, never per element.) It offers the draws the library needs, with CuPy's signatures."""
+    sampling step, never per element; on CuPy the generator is Philox, cheap to seed.) It offers the draws the
+    library needs, with CuPy's signatures."""
 
     def __init__(self, backend_name, seed):
         self.backend_name, self.seed, self.draws = backend_name, [int(s) for s in seed], 0
