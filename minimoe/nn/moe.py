@@ -319,7 +319,7 @@ class MoE(Module):
     experts only. Eval mode never drops and never adds noise, so a token's output does not depend on the rest
     of the batch and routing is deterministic, as generation and the RL loop need. The bias still applies.
 
-    Decoding (under no_grad, at most `sync_free_tokens` tokens): every expert runs on every token and each token
+    Decoding (eval mode, no_grad, at most `sync_free_tokens` tokens): every expert runs on every token and each token
     keeps its K outputs, so the layer needs no block sizes on the host (see `_every_expert_on_every_token`).
 
     After each forward:
@@ -356,7 +356,7 @@ class MoE(Module):
         routing = self.gate(x)
         tokens = x.reshape(-1, self.dim)  # (N, dim)
         n = tokens.shape[0]
-        if n <= self.sync_free_tokens and not is_grad_enabled():  # a decode step: no block sizes, no host sync
+        if n <= self.sync_free_tokens and not (self.training or is_grad_enabled()):  # decoding: no host sync
             routed = self._every_expert_on_every_token(tokens, routing)
             y = routed if self.shared_experts is None else self.shared_experts(tokens) + routed
             self._record(routing, xp.zeros((), dtype=routing.counts.dtype))
