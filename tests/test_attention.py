@@ -261,7 +261,8 @@ def test_cache_bytes_per_token(backend, float64):
 
 
 def test_deepseek_v3_cache_sizes():
-    """REFERENCE.md: V3's shapes give 576 numbers per token per layer for MLA against 40,960 for per-head k and v."""
+    """DeepSeek-V3's shapes (arXiv 2412.19437, §4.2: 128 heads, d_c = 512, d_h^R = 64, head size 128) give 576
+    numbers per token per layer for MLA against 40,960 for per-head k and v."""
     v3 = dict(n_heads=128, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, kv_lora_rank=512)
     sizes = compare_cache_sizes(**v3, dtype="float16")
     assert (sizes["mla_numbers"], sizes["mha_numbers"]) == (576, 40_960)
