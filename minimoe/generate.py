@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from .autograd import Tensor, no_grad
 from .backend import backend_of, device_rng, get_array_module
+from .functional import shifted_exp
 
 __all__ = ["Generation", "generate", "sample_next", "filter_logits"]
 
@@ -53,9 +54,8 @@ def filter_logits(logits, top_k=None, top_p=None):
 
 
 def _softmax(logits):
-    xp = get_array_module(logits)
-    e = xp.exp(logits - logits.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    e, total, _ = shifted_exp(logits)
+    return e / total
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):

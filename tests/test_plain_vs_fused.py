@@ -36,6 +36,34 @@ def check_same(fused, plain, arrays, name):
         check_close(g, g_plain, ATOL, RTOL, name=f"{name}: gradient of input {i}")
 
 
+# ---- activations and softmax (functional.py) ------------------------------------------------------------------
+
+ACTIVATIONS = {  # name: (fused, plain, input shapes, input range)
+    "sigmoid": (F.sigmoid, F.sigmoid_plain, [(3, 5)], 8.0),
+    "silu": (F.silu, F.silu_plain, [(3, 5)], 6.0),
+    "swiglu": (F.swiglu, F.swiglu_plain, [(3, 5), (3, 5)], 6.0),
+    "swiglu_0d": (F.swiglu, F.swiglu_plain, [(), ()], 6.0),
+    "softmax": (F.softmax, F.softmax_plain, [(2, 3, 5)], 5.0),
+    "softmax_axis0": (lambda x: F.softmax(x, axis=0), lambda x: F.softmax_plain(x, axis=0), [(4, 3)], 5.0),
+    "softmax_large_logits": (F.softmax, F.softmax_plain, [(3, 5)], 700.0),
+}
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_activation_fused_equals_plain(backend, name):
+    fused, plain, shapes, bound = ACTIVATIONS[name]
+    arrays = [host(*shape, seed=i, low=-bound, high=bound) for i, shape in enumerate(shapes)]
+    check_same(fused, plain, arrays, name)
+
+
+def test_topk_indices_is_a_stable_descending_sort(backend):
+    """The one top-k helper (F.topk and the MoE gate) against NumPy's stable argsort, -inf and ties included."""
+    x = np.array([[0.5, 2.0, 2.0, -1.0, -np.inf], [-np.inf, -np.inf, 3.0, -np.inf, 1.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    for k in (1, 3, 5):
+        indices = to_numpy(F.topk_indices(minimoe.tensor(x, dtype="float64").data, k))
+        np.testing.assert_array_equal(indices, np.argsort(-x, axis=-1, kind="stable")[:, :k])
+
+
 # ---- attention ---------------------------------------------------------------------------------------------------
 
 ATTENTION = {  # name: (options, q, k, v shapes)

@@ -216,9 +216,8 @@ class Gate(Module):
 
     def _select(self, scores):
         """Top-K experts (N, K), best first, by selection score s + b (+ noise), group-limited; plain arrays, no
-        gradient. K rounds of argmax, each taking the best expert left and hiding it: O(K·E) per token, faster
-        than a partial sort for the few experts a token picks, and best first by construction. An exact tie, which
-        continuous scores almost never produce, goes to the lower expert index (argmax takes the first maximum)."""
+        gradient (F.topk_indices: K rounds of argmax). An exact tie, which continuous scores almost never produce,
+        goes to the lower expert index."""
         xp = get_array_module(scores)
         choice = scores.copy() if self.bias is None else scores + self.bias  # (N, E), a new array: masked below
         if self.training and self.noise_std > 0:
@@ -234,12 +233,7 @@ class Gate(Module):
             best_groups = xp.argsort(-group_scores, axis=-1, kind="stable")[:, :self.topk_groups]  # (N, M)
             kept = (best_groups[:, :, None] == xp.arange(self.n_groups)).any(axis=1)  # (N, G)
             choice = xp.where(kept[:, :, None], grouped, -xp.inf).reshape(n, -1)  # (N, E)
-        tokens = xp.arange(choice.shape[0])
-        best = xp.empty((choice.shape[0], self.top_k), dtype=tokens.dtype)  # (N, K)
-        for k in range(self.top_k):
-            best[:, k] = choice.argmax(axis=-1)
-            choice[tokens, best[:, k]] = -xp.inf  # taken: the next round finds the next best
-        return best
+        return F.topk_indices(choice, self.top_k)  # (N, K)
 
     def _balance_losses(self, logits, scores, indices, counts, n_sequences, seq_len):
         """{name: 0-d Tensor} for the enabled balance terms (see the class docstring)."""
