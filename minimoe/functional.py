@@ -1040,8 +1040,7 @@ def shifted_exp(x, axis=-1, out=None):
     kept (size 1). With out=x, e is computed in x's own memory (for a large array nobody needs afterwards)."""
     xp = get_array_module(x)
     m = x.max(axis=axis, keepdims=True)
-    e = xp.asarray(x - m) if out is None else xp.subtract(x, m, out=out)  # asarray: NumPy makes 0-d into scalars
-    xp.exp(e, out=e)
+    e = xp.exp(x - m) if out is None else xp.exp(xp.subtract(x, m, out=out), out=out)
     return e, e.sum(axis=axis, keepdims=True), m
 
 
