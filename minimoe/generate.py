@@ -13,6 +13,7 @@ import numpy as np
 
 from .autograd import Tensor, no_grad
 from .backend import backend_of, device_rng, get_array_module, get_backend
+from .functional import shifted_exp
 from .tasks import Tokenizer
 from .validation import Checks, is_real
 
@@ -59,9 +60,8 @@ def filter_logits(logits, top_k=None, top_p=None):
 
 
 def _softmax(logits):
-    xp = get_array_module(logits)
-    e = xp.exp(logits - logits.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    e, total, _ = shifted_exp(logits)
+    return e / total
 
 
 def check_sampling(who, temperature=1.0, top_k=None, top_p=None, greedy=False, max_new_tokens=0):

@@ -121,26 +121,26 @@ class Block(Module):
 
     def __init__(self, layer_id, config):
         super().__init__()
-        c = config
-        self.attn_norm = RMSNorm(c.dim)
-        if c.attention == "mha":
-            self.attn = MHA(c.dim, c.n_heads, c.max_seq_len, rope_theta=c.rope_theta)
+        self.attn_norm = RMSNorm(config.dim)
+        if config.attention == "mha":
+            self.attn = MHA(config.dim, config.n_heads, config.max_seq_len, rope_theta=config.rope_theta)
         else:
-            self.attn = MLA(c.dim, c.n_heads, c.max_seq_len, q_lora_rank=c.q_lora_rank,
-                            kv_lora_rank=c.kv_lora_rank, qk_nope_head_dim=c.qk_nope_head_dim,
-                            qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim,
-                            rope_theta=c.rope_theta, absorb=c.mla_absorb)
-        self.ffn_norm = RMSNorm(c.dim)
-        if c.ffn == "moe" and layer_id >= c.n_dense_layers:
-            self.ffn = MoE(c.dim, c.n_routed_experts, c.n_activated_experts, c.moe_inter_dim,
-                           n_shared_experts=c.n_shared_experts, capacity_factor=c.capacity_factor,
-                           score_func=c.score_func, route_scale=c.route_scale, n_groups=c.n_expert_groups,
-                           topk_groups=c.n_limited_groups, noise_std=c.gate_noise_std,
-                           aux_loss_alpha=c.aux_loss_alpha, seq_aux_alpha=c.seq_aux_alpha,
-                           z_loss_coef=c.z_loss_coef, bias_update_speed=c.bias_update_speed)
+            self.attn = MLA(config.dim, config.n_heads, config.max_seq_len, q_lora_rank=config.q_lora_rank,
+                            kv_lora_rank=config.kv_lora_rank, qk_nope_head_dim=config.qk_nope_head_dim,
+                            qk_rope_head_dim=config.qk_rope_head_dim, v_head_dim=config.v_head_dim,
+                            rope_theta=config.rope_theta, absorb=config.mla_absorb)
+        self.ffn_norm = RMSNorm(config.dim)
+        if config.ffn == "moe" and layer_id >= config.n_dense_layers:
+            self.ffn = MoE(config.dim, config.n_routed_experts, config.n_activated_experts, config.moe_inter_dim,
+                           n_shared_experts=config.n_shared_experts, capacity_factor=config.capacity_factor,
+                           score_func=config.score_func, route_scale=config.route_scale,
+                           n_groups=config.n_expert_groups, topk_groups=config.n_limited_groups,
+                           noise_std=config.gate_noise_std, aux_loss_alpha=config.aux_loss_alpha,
+                           seq_aux_alpha=config.seq_aux_alpha, z_loss_coef=config.z_loss_coef,
+                           bias_update_speed=config.bias_update_speed)
         else:
-            self.ffn = MLP(c.dim, c.inter_dim)
-        self.dropout = Dropout(c.dropout)
+            self.ffn = MLP(config.dim, config.inter_dim)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x, start_pos=0, cache=None):  # (B, T, dim) -> (B, T, dim)
         x = x + self.dropout(self.attn(self.attn_norm(x), start_pos=start_pos, cache=cache))

@@ -144,13 +144,28 @@ class Adam(Optimizer):
         v += squared
         bias_correction1 = 1 - self.beta1 ** t
         bias_correction2 = 1 - self.beta2 ** t
-        # the same arithmetic as one expression, computed in place on two new arrays
+        # plain: θ - lr · (m / (1-β₁ᵗ)) / (√(v / (1-β₂ᵗ)) + ε)  (update_plain), here in place on two new arrays
         denominator = xp.sqrt(v)
         denominator /= math.sqrt(bias_correction2)
         denominator += self.eps
         step = (self.lr / bias_correction1) * m
         step /= denominator
         param -= step
+
+    def update_plain(self, param, grad, state):
+        """The same step as `update`, written as the paper's algorithm box: new arrays, nothing changed in place.
+        Returns the new parameter; `state` gets the new moments."""
+        xp = get_array_module(param)
+        if self.weight_decay and self.decoupled:
+            param = param * (1 - self.lr * self.weight_decay)  # AdamW: θ ← θ(1 - lr·λ)
+        elif self.weight_decay:
+            grad = grad + self.weight_decay * param  # Adam's L2: g ← g + λθ
+        t = state.get("step", 0) + 1
+        m = self.beta1 * state.get("m", 0) + (1 - self.beta1) * grad
+        v = self.beta2 * state.get("v", 0) + (1 - self.beta2) * grad ** 2
+        m_hat, v_hat = m / (1 - self.beta1 ** t), v / (1 - self.beta2 ** t)
+        state["step"], state["m"], state["v"] = t, m, v
+        return param - self.lr * m_hat / (xp.sqrt(v_hat) + self.eps)
 
 
 class AdamW(Adam):

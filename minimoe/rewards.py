@@ -21,8 +21,9 @@ prompt, for example
 
 The rules, decided once for every function in this file:
 
-- Everything after the first <eos> is ignored. The policy-gradient loss masks those tokens (REFERENCE.md:
-  "mask everything after the first EOS"), so the reward judges exactly the tokens the loss trains on.
+- Everything after the first <eos> is ignored. The policy-gradient loss masks those tokens too (GRPO's objective
+  sums over the tokens of each output oᵢ, t = 1..|oᵢ|: DeepSeekMath, arXiv 2402.03300, eq. 3), so the reward
+  judges exactly the tokens the loss trains on.
 - A response with no <eos> was cut off by the token budget (`is_truncated`). Its answer still counts if the
   answer block closed before the cut, but it earns no format credit: a well-formed response ends.
 - The answer is compared as text, never converted with int(): "0936", "+936" and "９３６" (full-width digits,

@@ -7,7 +7,6 @@ import weakref
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import array_shapes
 
@@ -16,7 +15,7 @@ import minimoe.functional as F
 from minimoe import Function, GradcheckError, ShapeError, gradcheck
 from minimoe.optim import Adam, clip_grad_norm_
 from minimoe.testing import check_close, to_numpy
-from parity import check_op
+from parity import check_op, torch
 
 
 def leaf(values, requires_grad=True):

@@ -246,7 +246,11 @@ class RMSNorm(Module):
         self.weight = Parameter(get_backend().xp.ones(dim, dtype=get_default_dtype()))
 
     def forward(self, x):
-        return F.rms_norm(x, self.weight, self.eps)
+        return F.rms_norm(x, self.weight, self.eps)  # plain: x / √(mean(x²) + eps) ⊙ weight, see forward_plain
+
+    def forward_plain(self, x):
+        """The same, composed of ordinary ops, so autograd writes the backward that F.rms_norm writes by hand."""
+        return x * ((x * x).mean(axis=-1, keepdims=True) + self.eps) ** -0.5 * self.weight
 
     def extra_repr(self):
         return f"{self.dim}, eps={self.eps}"

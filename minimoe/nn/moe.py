@@ -89,7 +89,9 @@ class GroupedLinear(Function):
 
 class Expert(Module):
     """One routed expert: a SwiGLU feed-forward without biases,  y = w2(silu(w1 x) ⊙ w3 x).
-    x (..., dim) -> (..., dim) through an inner width `inter_dim`."""
+    x (..., dim) -> (..., dim) through an inner width `inter_dim`.
+    MoE.forward only reads its weights, for grouped products over every expert at once; MoE.forward_plain calls
+    this forward, expert by expert."""
 
     def __init__(self, dim, inter_dim):
         super().__init__()
@@ -213,9 +215,8 @@ class Gate(Module):
 
     def _select(self, scores):
         """Top-K experts (N, K), best first, by selection score s + b (+ noise), group-limited; plain arrays, no
-        gradient. K rounds of argmax, each taking the best expert left and hiding it: O(K·E) per token, faster
-        than a partial sort for the few experts a token picks, and best first by construction. An exact tie, which
-        continuous scores almost never produce, goes to the lower expert index (argmax takes the first maximum)."""
+        gradient (F.topk_indices: K rounds of argmax). An exact tie, which continuous scores almost never produce,
+        goes to the lower expert index."""
         xp = get_array_module(scores)
         choice = scores.copy() if self.bias is None else scores + self.bias  # (N, E), a new array: masked below
         if self.training and self.noise_std > 0:
@@ -231,12 +232,7 @@ class Gate(Module):
             best_groups = xp.argsort(-group_scores, axis=-1, kind="stable")[:, :self.topk_groups]  # (N, M)
             kept = (best_groups[:, :, None] == xp.arange(self.n_groups)).any(axis=1)  # (N, G)
             choice = xp.where(kept[:, :, None], grouped, -xp.inf).reshape(n, -1)  # (N, E)
-        tokens = xp.arange(choice.shape[0])
-        best = xp.empty((choice.shape[0], self.top_k), dtype=tokens.dtype)  # (N, K)
-        for k in range(self.top_k):
-            best[:, k] = choice.argmax(axis=-1)
-            choice[tokens, best[:, k]] = -xp.inf  # taken: the next round finds the next best
-        return best
+        return F.topk_indices(choice, self.top_k)  # (N, K)
 
     def _balance_losses(self, logits, scores, indices, counts, n_sequences, seq_len):
         """{name: 0-d Tensor} for the enabled balance terms (see the class docstring)."""
@@ -377,12 +373,14 @@ class MoE(Module):
         token_of = order // k  # (A,) the token of each kept assignment, A = Σ sizes
 
         # Experts: every routed token gathered once, each expert run on its own contiguous rows.
+        # plain: for each expert e, expert_e(x[tokens that chose e]), see forward_plain
         routed = tokens[token_of]  # (A, dim)
         gate_proj = GroupedLinear(sizes)(routed, *(e.w1.weight for e in self.experts))  # (A, I)
         up_proj = GroupedLinear(sizes)(routed, *(e.w3.weight for e in self.experts))  # (A, I)
         expert_out = GroupedLinear(sizes)(F.swiglu(gate_proj, up_proj), *(e.w2.weight for e in self.experts))
 
         # Combine: weight each expert output, then one scatter-add per token, onto the shared experts' output.
+        # plain: y[t] = shared(x[t]) + Σ_{e chosen by t} g[t, e] · expert_e(x[t])
         weights = routing.weights.reshape(-1)[order]  # (A,)
         base = self.shared_experts(tokens) if self.shared_experts is not None else Tensor(xp.zeros_like(tokens.data))
         y = F.index_add(base, token_of, expert_out * weights.unsqueeze(-1))  # (N, dim)
@@ -402,6 +400,29 @@ class MoE(Module):
         outputs = hidden @ F.transpose(w2)  # (E, N, dim): expert e on token t
         picked = outputs[routing.indices, xp.arange(tokens.shape[0])[:, None]]  # (N, K, dim)
         return (picked * routing.weights.unsqueeze(-1)).sum(axis=1)  # (N, dim)
+
+    def forward_plain(self, x):
+        """What `forward` computes (dropless), written as DeepSeek-V3's reference MoE.forward: a loop over the
+        experts, each called on the tokens that chose it. One small graph per expert instead of three grouped
+        products, and a device->host copy per expert (`len`): a reference to read and test against, not to train.
+        Capacity drops are not modelled, so with a capacity_factor it runs in eval mode only."""
+        if x.ndim < 2 or x.shape[-1] != self.dim:
+            raise ShapeError(f"MoE: expected an input (B, T, dim={self.dim}), got shape {x.shape}")
+        if self.training and self.capacity_factor is not None:
+            raise ValueError("MoE.forward_plain: the plain loop is dropless, but this layer drops assignments in "
+                             f"training (capacity_factor={self.capacity_factor}); call .eval() or use forward")
+        xp = get_array_module(x.data)
+        routing = self.gate(x)
+        tokens = x.reshape(-1, self.dim)  # (N, dim)
+        y = self.shared_experts(tokens) if self.shared_experts is not None else Tensor(xp.zeros_like(tokens.data))
+        for e, expert in enumerate(self.experts):
+            token, choice = xp.nonzero(routing.indices == e)  # the tokens that chose expert e, and in which slot
+            if len(token) == 0:
+                continue
+            weight = routing.weights[token, choice].unsqueeze(-1)  # (n_e, 1)
+            y = F.index_add(y, token, expert(tokens[token]) * weight)  # y[token] += g · expert(x[token])
+        self._record(routing, xp.zeros((), dtype=routing.counts.dtype))
+        return y.reshape(x.shape)
 
     def _capacity(self, n_tokens):
         if self.capacity_factor is None:

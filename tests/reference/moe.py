@@ -1,5 +1,5 @@
-"""PyTorch twins of minimoe.nn.moe, written from the DeepSeekMoE / V2 / V3 papers, Switch, ST-MoE and
-docs/REFERENCE.md, never by calling minimoe. The MoE loops over experts and picks each expert's tokens with
+"""PyTorch twins of minimoe.nn.moe, written from the DeepSeekMoE / V2 / V3 papers, Switch and ST-MoE,
+never by calling minimoe. The MoE loops over experts and picks each expert's tokens with
 torch.where: slow, obviously right. Load minimoe's state dict (buffers included) with `load_minimoe_state`.
 
 Routing is deterministic here (no noisy top-k): the tests compare with noise off.
