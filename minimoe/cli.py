@@ -188,8 +188,22 @@ def command_generate(args):
         print(f"{args.prompt}{text}")
 
 
+def command_export_hf(args):
+    """Write a checkpoint as a Hugging Face DeepseekV3 model folder (see minimoe/hf.py)."""
+    from .hf import HFFormatError, export_hf
+
+    if not args.checkpoint or not args.out:
+        raise SystemExit("export-hf: --checkpoint and --out are required")
+    try:
+        export_hf(args.checkpoint, args.out)
+    except HFFormatError as error:
+        raise SystemExit(str(error)) from None
+    print(f"wrote {args.out}: load it with transformers.AutoModelForCausalLM.from_pretrained({args.out!r}) and "
+          f"AutoTokenizer.from_pretrained({args.out!r})")
+
+
 COMMANDS = {"demo": command_demo, "train": command_train, "rl": command_rl, "eval": command_eval,
-            "generate": command_generate}
+            "generate": command_generate, "export-hf": command_export_hf}
 
 
 def main(argv=None):
