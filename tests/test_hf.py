@@ -151,6 +151,25 @@ def test_tokenizer_json_matches_minimoe_tokenizer(tmp_path):
         theirs.encode("12a")  # not in the vocabulary: refused, as minimoe refuses it
 
 
+def test_the_shipped_v3_preset_exports_exactly(tmp_path, float64):
+    """minimoe/presets/v3.json (`python -m minimoe demo --config minimoe/presets/v3.json`) is DeepSeek-V3's
+    architecture in miniature: MLA, sigmoid gate, shared expert, aux-loss-free bias, route scale, groups."""
+    from importlib import resources
+
+    from minimoe.cli import _load_config
+
+    preset = resources.files("minimoe") / "presets" / "v3.json"
+    overrides = _load_config(str(preset))["model"]
+    assert overrides["attention"] == "mla" and overrides["score_func"] == "sigmoid"
+    model = Transformer(ModelConfig(vocab_size=Tokenizer().vocab_size, **overrides)).eval()  # the demo's shape
+    for moe in model.moe_layers():
+        moe.gate.bias = np.random.default_rng(0).normal(scale=0.05, size=moe.gate.bias.shape)
+    export_hf(model, tmp_path)
+    ids = token_ids((2, 24))
+    assert_logits_close(model(ids).data, their_logits(load_transformers(tmp_path, torch.float64), ids),
+                        FLOAT64_RTOL)
+
+
 # ---- round trip ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["q_lora_groups_dense_first", "no_shared_experts", "dense"])
