@@ -323,7 +323,8 @@ def _minimoe_state(tensors, config, hf):
     for i in _moe_layers(config):  # transformers >= 5 may hold the experts fused: split them
         theirs = f"model.layers.{i}.mlp.experts."
         if theirs + "gate_up_proj" in tensors:
-            gate_up, down = tensors.pop(theirs + "gate_up_proj"), tensors.pop(theirs + "down_proj")  # (E, 2I, d), (E, d, I)
+            gate_up = tensors.pop(theirs + "gate_up_proj")  # (E, 2I, dim): w1 rows, then w3 rows
+            down = tensors.pop(theirs + "down_proj")  # (E, dim, I)
             for j in range(config.n_routed_experts):
                 gate, up = np.split(gate_up[j], 2, axis=0)
                 tensors.update({f"{theirs}{j}.gate_proj.weight": gate, f"{theirs}{j}.up_proj.weight": up,

@@ -39,6 +39,15 @@ CONFIGS = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """These models are tiny: a second torch thread only spin-waits (badly, on a busy machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def make_model(bias_scale=0.0, seed=0, **overrides):
     """A tiny V3-style minimoe model in eval mode; each gate's bias set to N(0, bias_scale²) when it has one."""
     minimoe.manual_seed(seed)
