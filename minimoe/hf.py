@@ -52,11 +52,12 @@ from .backend import backend_of
 from .model import ModelConfig, Transformer
 from .tasks import Tokenizer
 
-__all__ = ["export_hf", "load_hf", "hf_config", "model_config_from_hf", "HFFormatError"]
+__all__ = ["export_hf", "load_hf", "hf_config", "model_config_from_hf", "tokenizer_files", "HFFormatError"]
 
 CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
 RMS_NORM_EPS = 1e-6  # minimoe's RMSNorm epsilon (fixed)
-# ModelConfig fields that change training but not what a trained model computes: not DeepseekV3 fields
+# ModelConfig fields that do not change what a trained model computes (training settings, and MLA's absorbed
+# path, which computes the same): DeepseekV3 has no field for them
 TRAINING_ONLY = ("dropout", "gate_noise_std", "capacity_factor", "aux_loss_alpha", "seq_aux_alpha", "z_loss_coef",
                  "bias_update_speed", "mla_absorb")
 # ModelConfig fields that have a DeepseekV3 counterpart (see hf_config)
@@ -127,6 +128,8 @@ def hf_config(config, tokenizer=None):
         "attention_dropout": 0.0,
         "rope_interleave": True,  # pairs (x0, x1), (x2, x3), ... as DeepSeek's reference and minimoe
         "rope_parameters": {"rope_type": "default", "rope_theta": float(c.rope_theta)},
+        "rope_theta": float(c.rope_theta),  # how transformers < 5 spells the same
+        "rope_scaling": None,
         # feed-forward: the first k layers dense, then MoE
         "hidden_act": "silu",
         "intermediate_size": c.inter_dim,
@@ -378,9 +381,9 @@ def _minimoe_state(tensors, config, hf):
 # the tokenizer
 # ==============================================================================================================
 
-def tokenizer_files(tokenizer=None):
+def tokenizer_files(tokenizer=None, max_length=None):
     """{file name: JSON-ready dict}: tokenizer.json (the `tokenizers` format: see the module docstring),
-    tokenizer_config.json and special_tokens_map.json."""
+    tokenizer_config.json and special_tokens_map.json. max_length: the model's max_seq_len."""
     tokenizer = tokenizer or Tokenizer()
     specials = [t for t in tokenizer.tokens if t.startswith("<")]
     bos, eos, pad = (tokenizer.tokens[i] for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id))
@@ -399,7 +402,7 @@ def tokenizer_files(tokenizer=None):
         "model": {"type": "WordLevel", "vocab": dict(tokenizer.token_to_id), "unk_token": "<unk>"},
     }
     special_map = {"bos_token": bos, "eos_token": eos, "pad_token": pad}
-    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": None,
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
                         "clean_up_tokenization_spaces": False, "add_bos_token": True, **special_map}
     return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": tokenizer_config,
             "special_tokens_map.json": special_map}
@@ -430,6 +433,9 @@ def export_hf(model_or_checkpoint, out_dir, tokenizer=None):
         model = load_checkpoint(str(model_or_checkpoint))[0]
     tokenizer = tokenizer or Tokenizer()
     config = hf_config(model.config, tokenizer)
+    if os.path.exists(os.path.join(out_dir, INDEX_FILE)):
+        raise HFFormatError(f"export_hf: {out_dir} already holds a sharded model ({INDEX_FILE}), whose shards "
+                            "would be read instead of the new weights; choose another folder or empty this one")
     tensors = _hf_tensors(model)
     config["dtype"] = str(tensors["lm_head.weight"].dtype)
     os.makedirs(out_dir, exist_ok=True)
@@ -437,7 +443,7 @@ def export_hf(model_or_checkpoint, out_dir, tokenizer=None):
     _write_json(os.path.join(out_dir, CONFIG_FILE), config)
     _write_json(os.path.join(out_dir, "generation_config.json"),
                 {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id})
-    for name, value in tokenizer_files(tokenizer).items():
+    for name, value in tokenizer_files(tokenizer, model.config.max_seq_len).items():
         _write_json(os.path.join(out_dir, name), value)
     return out_dir
 
