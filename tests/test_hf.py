@@ -316,3 +316,29 @@ def test_load_refuses_missing_and_unexpected_tensors(tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(HFFormatError, match="missing.*o_proj.*unexpected.*extra"):
         load_hf(tmp_path)
+
+
+def test_load_skips_multi_token_prediction_layers_with_a_warning(tmp_path):
+    """DeepSeek's Hub checkpoints carry the MTP module as one more layer (model.layers.61 in V3)."""
+    from safetensors.numpy import load_file, save_file
+
+    model = make_model()
+    export_hf(model, tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["model.layers.2.eh_proj.weight"] = np.zeros((32, 64), dtype=np.float32)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.warns(UserWarning, match="skipped 1 tensors of layers ≥ 2"):
+        loaded = load_hf(tmp_path)
+    np.testing.assert_array_equal(loaded.state_dict()["head.weight"], model.state_dict()["head.weight"])
+
+
+def test_import_of_bfloat16_weights(tmp_path):
+    """The Hub's usual dtype, which NumPy lacks: widened to float32 exactly."""
+    reference = random_transformers_model(tmp_path).to(torch.bfloat16)
+    reference.save_pretrained(tmp_path)
+    model = load_hf(tmp_path)
+    ours = model.state_dict()
+    assert ours["embed.weight"].dtype == np.float32
+    np.testing.assert_array_equal(ours["embed.weight"], reference.model.embed_tokens.weight.detach().float().numpy())
+    np.testing.assert_array_equal(ours["layers.1.ffn.experts.4.w3.weight"],
+                                  reference.model.layers[1].mlp.experts.gate_up_proj[4, 12:].detach().float().numpy())
