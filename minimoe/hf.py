@@ -403,7 +403,9 @@ def tokenizer_files(tokenizer=None, max_length=None):
     }
     special_map = {"bos_token": bos, "eos_token": eos, "pad_token": pad}
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
-                        "clean_up_tokenization_spaces": False, "add_bos_token": True, **special_map}
+                        "clean_up_tokenization_spaces": False, "add_bos_token": True,
+                        "padding_side": "left",  # prompts of different lengths generate together, ends aligned
+                        **special_map}
     return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": tokenizer_config,
             "special_tokens_map.json": special_map}
 

@@ -147,6 +147,24 @@ def test_greedy_generation_gives_the_same_tokens(tmp_path, float64):
     assert decoded == [tokenizer.decode(row) for row in out]
 
 
+def test_prompts_of_different_lengths_generate_together(tmp_path, float64):
+    """The exported tokenizer pads on the left, so transformers generates a batch of uneven prompts in one call;
+    each continuation equals minimoe's greedy continuation of that prompt alone (RoPE scores depend on relative
+    positions only, and the padding is masked)."""
+    model = make_model(bias_scale=0.05)
+    export_hf(model, tmp_path)
+    tokenizer = Tokenizer()
+    prompts = ["7+5=", "347+589=", "12+4="]
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    batch = hf_tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = load_transformers(tmp_path, torch.float64).generate(**batch, max_new_tokens=12, do_sample=False)
+    for row, prompt in zip(out[:, batch["input_ids"].shape[1]:].numpy(), prompts):
+        ids = np.array([tokenizer.encode("<bos>" + prompt)])
+        mine = generate(model, ids, 12, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, greedy=True).responses[0]
+        np.testing.assert_array_equal(row, mine[:len(row)])
+
+
 def test_tokenizer_json_matches_minimoe_tokenizer(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     export_hf(make_model(), tmp_path)
