@@ -441,7 +441,11 @@ def export_hf(model_or_checkpoint, out_dir, tokenizer=None):
     tensors = _hf_tensors(model)
     config["dtype"] = str(tensors["lm_head.weight"].dtype)
     os.makedirs(out_dir, exist_ok=True)
-    save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
+    weights = os.path.join(out_dir, WEIGHTS_FILE)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(weights, 0o666 & ~umask)  # safetensors writes a private file; a model folder is for sharing
     _write_json(os.path.join(out_dir, CONFIG_FILE), config)
     _write_json(os.path.join(out_dir, "generation_config.json"),
                 {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id})
