@@ -22,8 +22,10 @@ from minimoe.hf import HFFormatError, export_hf, load_hf  # noqa: E402
 from minimoe.model import ModelConfig, Transformer  # noqa: E402
 from minimoe.tasks import AdditionTask, Tokenizer  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # width-0 shared experts
+
 FLOAT64_RTOL = 1e-6  # of the largest logit: transformers' float32 norms, router and RoPE angles (~1e-7 measured)
-FLOAT32_RTOL = 1e-5  # both sides in float32: round-off in different orders of summation
+FLOAT32_RTOL = 2e-6  # both sides in float32: round-off in different orders of summation (~2.5e-7 measured)
 
 TINY = dict(vocab_size=Tokenizer().vocab_size, dim=32, n_layers=2, n_heads=2, max_seq_len=48, attention="mla",
             kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, inter_dim=48, moe_inter_dim=16,
