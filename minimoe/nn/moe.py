@@ -134,10 +134,14 @@ class Gate(Module):
         chosen = top-K of  s + b  (+ noise)    b: the balancing bias; it changes the choice only
         g      = s[chosen], renormalised to sum to 1 for sigmoid (V3), as they are for softmax (V2); × route_scale
 
-    Group-limited routing (n_groups > 1): the experts form n_groups equal groups; a group's score is the max of
-    its selection scores (softmax) or the sum of its top-2 (sigmoid, as V3; a one-expert group scores its only
-    expert); only the topk_groups best groups stay, the others are set to −inf before the top-K. Not 0: with a
-    sigmoid and a negative bias every kept score can be below 0, and a "masked" expert would win.
+    Group-limited routing (n_groups > 1): the experts form n_groups equal groups; a group's score is, as in
+    DeepSeek-V3's reference Gate, the max of its selection scores when the gate has no bias (V2's rule) and the
+    sum of its top-2 biased scores when it has one (V3's rule; a one-expert group scores its only expert). The
+    rule follows the bias, not the score function: sigmoid without a bias scores groups by their max, softmax
+    with a bias by their top-2 sum. (Hugging Face's DeepseekV3 always has a bias, `e_score_correction_bias`,
+    and always uses the top-2 sum.) Only the topk_groups best groups stay, the others are set to −inf before
+    the top-K. Not 0: with a sigmoid and a negative bias every kept score can be below 0, and a "masked"
+    expert would win.
 
     Noisy top-k (noise_std > 0, training mode only): ε ~ N(0, noise_std²) per token and expert is added to the
     selection scores s + b, so it changes which experts are chosen (groups included) and nothing else: the
@@ -225,7 +229,7 @@ class Gate(Module):
         if self.n_groups > 1:
             n = choice.shape[0]
             grouped = choice.reshape(n, self.n_groups, -1)  # (N, G, E/G)
-            if self.score_func == "softmax":
+            if self.bias is None:
                 group_scores = grouped.max(axis=-1)  # (N, G)
             else:
                 group_scores = xp.sort(grouped, axis=-1)[..., -2:].sum(axis=-1)  # (N, G)
