@@ -1,0 +1,245 @@
+"""Do the experts specialise? Three experiments over several seeds, written to one JSON file (issue 17).
+
+    rl           the committed demo base model (lessons/data/base_addition3) before and after GRPO, one GRPO run
+                 per seed: does RL change who does what? (specialisation U per labelling and layer, the share of
+                 tokens whose experts changed, greedy accuracy)
+    granularity  coarse (8 experts of width I, top-2) vs fine-grained (16 of width I/2, top-4), each with and
+                 without the shared expert (without it, one more routed expert's worth is activated: top-3 /
+                 top-6), so that every model activates the same FFN width (192) and owns the same total (576 when
+                 shared + routed are counted): DeepSeekMoE's comparison at equal compute. Each is pretrained from
+                 scratch per seed (reduced steps: see --pretrain-steps) and measured: U, the excess over the
+                 shuffled null, the mean cosine similarity between experts' outputs (redundancy), accuracy.
+    ablation     per model (the committed base, and the coarse+shared model of each seed): for a few categories,
+                 the expert most specialised for it (highest lift p(e|c)/p(e) among experts that take ≥ 20 % of the
+                 category) is disabled; the change in next-token loss on that category's tokens vs on all other
+                 tokens, against a control expert of the same layer with the closest load; and greedy accuracy on
+                 problems whose unablated answer uses the category vs problems whose answer does not.
+
+All analysis runs on fixed held-out token sequences (the test split's corpus, all three styles), teacher-forced.
+
+    nice -n 10 python -m benchmarks.specialisation --seeds 0 1 2 --out lessons/data/specialisation.json
+"""
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+import minimoe
+from minimoe import analysis
+from minimoe.checkpoint import load_checkpoint
+from minimoe.evaluate import sample_responses, score_responses
+from minimoe.model import ModelConfig, Transformer
+from minimoe.rl import GRPOConfig, train_grpo
+from minimoe.tasks import AdditionTask, Tokenizer, build_corpus
+from minimoe.train import PretrainConfig, heldout_loss, pretrain
+
+BASE = os.path.join(os.path.dirname(__file__), "..", "lessons", "data", "base_addition3")
+VARIANTS = {
+    "coarse+shared": dict(n_routed_experts=8, moe_inter_dim=64, n_activated_experts=2, n_shared_experts=1),
+    "coarse": dict(n_routed_experts=8, moe_inter_dim=64, n_activated_experts=3, n_shared_experts=0),
+    "fine+shared": dict(n_routed_experts=16, moe_inter_dim=32, n_activated_experts=4, n_shared_experts=2),
+    "fine": dict(n_routed_experts=16, moe_inter_dim=32, n_activated_experts=6, n_shared_experts=0),
+}
+ABLATION_TARGETS = [("token", "<answer>"), ("token", "</answer>"), ("token", "="), ("token", "space"),
+                    ("digit_role", "carry"), ("digit_role", "answer")]
+
+
+def analysis_set(n=256, seed=7):
+    """Fixed held-out sequences (ids (B, T), completion mask (B, T)) in the corpus's mix of styles."""
+    corpus = build_corpus(AdditionTask(3), n, np.random.default_rng(seed), split="test")
+    encoded = corpus.encode(Tokenizer())
+    return encoded.ids, encoded.completion_mask
+
+
+def greedy(model, problems):
+    responses = sample_responses(model, problems, Tokenizer(), 1, 40, greedy=True)
+    scores = score_responses(AdditionTask(3), responses)
+    return responses, scores
+
+
+def measure(model, ids, problems, n_shuffles=20):
+    routes = analysis.route(model, ids)
+    categories = analysis.token_categories(ids)
+    similarity = analysis.expert_output_similarity(model, routes)
+    off_diagonal = [float(s[~np.eye(len(s), dtype=bool)].mean()) for s in similarity]
+    _, scores = greedy(model, problems)
+    loads = [np.bincount(e[routes.mask].reshape(-1), minlength=s.shape[-1]) for e, s in
+             zip(routes.experts, routes.scores)]
+    return routes, {"specialisation": analysis.specialisation(routes, categories, ids, n_shuffles),
+                    "output_cosine": off_diagonal,
+                    "load_max_over_mean": [float(load.max() / load.mean()) for load in loads],
+                    "accuracy": float(scores["accuracy"].mean()), "thinking_share": float(scores["thinks"].mean())}
+
+
+def routing_change(before, after):
+    """Share of real tokens whose top-1 expert changed, and the mean Jaccard overlap of the top-K sets, per layer."""
+    result = []
+    for e0, e1 in zip(before.experts, after.experts):
+        mask = before.mask
+        top1 = float((e0[..., 0] != e1[..., 0])[mask].mean())
+        same = (e0[..., :, None] == e1[..., None, :]).any(-1).sum(-1)  # (B, T) experts in both sets
+        k = e0.shape[-1]
+        result.append({"top1_changed": top1, "jaccard": float((same / (2 * k - same))[mask].mean())})
+    return result
+
+
+def experiment_rl(seeds, steps, ids, problems, log):
+    base, _ = load_checkpoint(BASE, restore_random_state=False)
+    routes_before, before = measure(base, ids, problems)
+    runs = []
+    for seed in seeds:
+        started = time.perf_counter()
+        model, _ = load_checkpoint(BASE, restore_random_state=False)
+        minimoe.manual_seed(seed)
+        history = train_grpo(model, AdditionTask(3), GRPOConfig(steps=steps, seed=seed), progress=False)
+        routes_after, after = measure(model, ids, problems)
+        runs.append({"seed": seed, "after": after, "change": routing_change(routes_before, routes_after),
+                     "final_train_accuracy": history["steps"][-1]["accuracy"],
+                     "seconds": time.perf_counter() - started})
+        log(f"rl seed {seed}: accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}, "
+            f"{time.perf_counter() - started:.0f} s")
+    return {"grpo_steps": steps, "before": before, "runs": runs}
+
+
+def train_variant(name, seed, steps, folder):
+    config = ModelConfig(vocab_size=Tokenizer().vocab_size, **VARIANTS[name])
+    path = os.path.join(folder, f"{name}_seed{seed}")
+    if os.path.exists(path + ".json"):
+        return load_checkpoint(path, restore_random_state=False)[0], None
+    from minimoe.checkpoint import save_checkpoint
+
+    minimoe.manual_seed(seed)
+    model = Transformer(config)
+    train_config = PretrainConfig(steps=steps, seed=seed, warmup_steps=min(50, steps // 10), eval_every=steps,
+                                  checkpoint_every=0)
+    history = pretrain(model, AdditionTask(3), train_config, progress=False)
+    save_checkpoint(path, model)
+    return model, history
+
+
+def experiment_granularity(seeds, steps, ids, problems, folder, log):
+    results = {name: [] for name in VARIANTS}
+    models = {}
+    for seed in seeds:
+        for name in VARIANTS:
+            started = time.perf_counter()
+            model, _ = train_variant(name, seed, steps, folder)
+            _, measured = measure(model, ids, problems)
+            measured.update(seed=seed, heldout_loss=heldout_loss(model, AdditionTask(3), Tokenizer(),
+                                                                 PretrainConfig()),
+                            parameters=model.parameter_counts(), seconds=time.perf_counter() - started)
+            results[name].append(measured)
+            models[name, seed] = model
+            log(f"granularity {name} seed {seed}: U(token) "
+                f"{[round(l['U'], 3) for l in measured['specialisation']['token']]}, "
+                f"cos {[round(c, 3) for c in measured['output_cosine']]}, acc {measured['accuracy']:.3f}, "
+                f"{time.perf_counter() - started:.0f} s")
+            yield results, models
+
+
+def ablate(model, ids, completion, problems, targets=ABLATION_TARGETS):
+    """The ablation experiment on one model (see the module docstring)."""
+    tokenizer = Tokenizer()
+    routes = analysis.route(model, ids)
+    categories = analysis.token_categories(ids)
+    predicts_completion = completion[:, 1:]  # (B, T-1): position t predicts a completion token
+    base_loss = analysis.token_losses(model, ids)  # (B, T-1)
+    base_responses, base_scores = greedy(model, problems)
+    response_ids, _ = tokenizer.encode_batch([t for t in base_responses.texts])
+    response_categories = analysis.token_categories(response_ids)
+    rows = []
+    for labelling, category in targets:
+        names = categories[labelling].names
+        c = names.index(category)
+        labels = categories[labelling].labels
+        best = None
+        for layer, experts in enumerate(routes.experts):
+            counts = analysis.contingency(labels, experts, len(names), routes.scores[layer].shape[-1])
+            share = counts[c] / max(counts[c].sum(), 1)
+            lift = share / (counts.sum(axis=0) / counts.sum())
+            for e in np.flatnonzero(share >= 0.2):
+                if best is None or lift[e] > best[2]:
+                    best = (layer, int(e), float(lift[e]), float(share[e]))
+        if best is None:
+            continue
+        layer, expert, lift, share = best
+        load = np.bincount(routes.experts[layer][routes.mask].reshape(-1), minlength=routes.scores[layer].shape[-1])
+        candidates = [e for e in range(len(load)) if e != expert]
+        control = min(candidates, key=lambda e: abs(int(load[e]) - int(load[expert])))
+        in_category = (labels[:, :-1] == c) & predicts_completion
+        elsewhere = (labels[:, :-1] != c) & predicts_completion & routes.mask[:, :-1]
+        uses = (response_categories[labelling].labels == c).any(axis=1)  # (P,) answers that contain the category
+        row = {"labelling": labelling, "category": category, "layer": layer, "expert": expert, "lift": lift,
+               "share": share, "control_expert": int(control), "tokens": int(in_category.sum()),
+               "answers_using_it": int(uses.sum()), "answers_not_using_it": int((~uses).sum())}
+        for who, disabled in (("specialist", expert), ("control", control)):
+            with analysis.experts_disabled(model, {layer: [disabled]}):
+                loss = analysis.token_losses(model, ids)
+                _, scores = greedy(model, problems)
+            delta = loss - base_loss
+            correct_before, correct_after = base_scores["accuracy"], scores["accuracy"]
+            row[who] = {
+                "delta_loss_category": float(delta[in_category].mean()),
+                "delta_loss_other": float(delta[elsewhere].mean()),
+                "accuracy_drop_using": float((correct_before - correct_after)[uses].mean()) if uses.any() else None,
+                "accuracy_drop_not_using": float((correct_before - correct_after)[~uses].mean())
+                if (~uses).any() else None,
+                "accuracy_drop": float((correct_before - correct_after).mean()),
+            }
+        rows.append(row)
+    return {"accuracy": float(base_scores["accuracy"].mean()), "rows": rows}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.specialisation", description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--pretrain-steps", type=int, default=600)
+    parser.add_argument("--grpo-steps", type=int, default=150)
+    parser.add_argument("--problems", type=int, default=200, help="held-out problems for greedy accuracy")
+    parser.add_argument("--experiments", nargs="+", default=["rl", "ablation", "granularity"])
+    parser.add_argument("--folder", default="runs/specialisation", help="where pretrained variants are cached")
+    parser.add_argument("--out", default="runs/specialisation/specialisation.json")
+    args = parser.parse_args(argv)
+    os.makedirs(args.folder, exist_ok=True)
+    started = time.perf_counter()
+
+    def log(message):
+        print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)
+
+    results = {"settings": {**vars(args), "analysis_sequences": 256, "null_shuffles": 20,
+                            "variants": VARIANTS, "pretrain": "PretrainConfig defaults (batch 128, lr 3e-3) "
+                                                              "except steps, warmup min(50, steps/10), seed"}}
+
+    def save():
+        with open(args.out, "w") as file:
+            json.dump(results, file, indent=1)
+
+    ids, completion = analysis_set()
+    problems = AdditionTask(3).sample(np.random.default_rng(1234), args.problems, split="test")
+    if "rl" in args.experiments:
+        results["rl"] = experiment_rl(args.seeds, args.grpo_steps, ids, problems, log)
+        save()
+    if "ablation" in args.experiments:
+        base, _ = load_checkpoint(BASE, restore_random_state=False)
+        results["ablation"] = {"base": ablate(base, ids, completion, problems)}
+        log("ablation on the committed base done")
+        save()
+    if "granularity" in args.experiments:
+        for granularity, models in experiment_granularity(args.seeds, args.pretrain_steps, ids, problems,
+                                                          args.folder, log):
+            results["granularity"] = granularity
+            save()
+        if "ablation" in args.experiments:
+            for seed in args.seeds:
+                results["ablation"][f"coarse+shared seed {seed}"] = ablate(models["coarse+shared", seed], ids,
+                                                                           completion, problems)
+                log(f"ablation seed {seed} done")
+                save()
+    log("all done")
+
+
+if __name__ == "__main__":
+    main()
