@@ -21,6 +21,7 @@ All analysis runs on fixed held-out token sequences (the test split's corpus, al
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -32,6 +33,7 @@ from minimoe import analysis
 from minimoe.checkpoint import load_checkpoint
 from minimoe.evaluate import sample_responses, score_responses
 from minimoe.model import ModelConfig, Transformer
+from minimoe.rewards import THINK
 from minimoe.rl import GRPOConfig, train_grpo
 from minimoe.tasks import AdditionTask, Tokenizer, build_corpus
 from minimoe.train import PretrainConfig, heldout_loss, pretrain
@@ -106,7 +108,7 @@ def experiment_rl(seeds, steps, ids, problems, log):
 
 def train_variant(name, seed, steps, folder):
     config = ModelConfig(vocab_size=Tokenizer().vocab_size, **VARIANTS[name])
-    path = os.path.join(folder, f"{name}_seed{seed}")
+    path = os.path.join(folder, f"{name}_seed{seed}_steps{steps}")
     if os.path.exists(path + ".json"):
         return load_checkpoint(path, restore_random_state=False)[0], None
     from minimoe.checkpoint import save_checkpoint
@@ -141,56 +143,73 @@ def experiment_granularity(seeds, steps, ids, problems, folder, log):
 
 
 def ablate(model, ids, completion, problems, targets=ABLATION_TARGETS):
-    """The ablation experiment on one model (see the module docstring)."""
-    tokenizer = Tokenizer()
+    """The ablation experiment on one model (see the module docstring). Every routed expert of every layer is
+    disabled in turn; for each, the change in next-token loss at the positions whose input token is of each
+    category (positions that predict a completion token only), and the greedy accuracy answering directly and
+    when made to think (the prompt ends with <think>, so the answer needs the column walk)."""
     routes = analysis.route(model, ids)
     categories = analysis.token_categories(ids)
-    predicts_completion = completion[:, 1:]  # (B, T-1): position t predicts a completion token
+    predicts = completion[:, 1:]  # (B, T-1): position t predicts a completion token
     base_loss = analysis.token_losses(model, ids)  # (B, T-1)
-    base_responses, base_scores = greedy(model, problems)
-    response_ids, _ = tokenizer.encode_batch([t for t in base_responses.texts])
-    response_categories = analysis.token_categories(response_ids)
-    rows = []
-    for labelling, category in targets:
-        names = categories[labelling].names
-        c = names.index(category)
-        labels = categories[labelling].labels
-        best = None
-        for layer, experts in enumerate(routes.experts):
-            counts = analysis.contingency(labels, experts, len(names), routes.scores[layer].shape[-1])
-            share = counts[c] / max(counts[c].sum(), 1)
-            lift = share / (counts.sum(axis=0) / counts.sum())
-            for e in np.flatnonzero(share >= 0.2):
-                if best is None or lift[e] > best[2]:
-                    best = (layer, int(e), float(lift[e]), float(share[e]))
-        if best is None:
+    thinking = [dataclasses.replace(p, prompt=p.prompt + THINK) for p in problems]
+    base = {"direct": float(greedy(model, problems)[1]["accuracy"].mean()),
+            "think": float(greedy(model, thinking)[1]["accuracy"].mean())}
+    labellings = ("token", "digit_role")
+    inputs = {name: categories[name].labels[:, :-1] for name in labellings}  # (B, T-1) category of the input
+    experts = []
+    for layer, chosen in enumerate(routes.experts):
+        n_experts = routes.scores[layer].shape[-1]
+        for expert in range(n_experts):
+            with analysis.experts_disabled(model, {layer: [expert]}):
+                delta = analysis.token_losses(model, ids) - base_loss
+                accuracy = {"direct": float(greedy(model, problems)[1]["accuracy"].mean()),
+                            "think": float(greedy(model, thinking)[1]["accuracy"].mean())}
+            record = {"layer": layer, "expert": expert, "accuracy": accuracy,
+                      "delta_loss_all": float(delta[predicts].mean())}
+            for name in labellings:
+                counts = analysis.contingency(categories[name].labels, chosen, len(categories[name].names), n_experts)
+                share = counts[:, expert] / np.maximum(counts.sum(axis=1), 1)  # (C,) p(e|c)
+                lift = share / (counts[:, expert].sum() / counts.sum())
+                rows = {}
+                for c, category in enumerate(categories[name].names):
+                    here = (inputs[name] == c) & predicts
+                    if here.sum() >= 20:
+                        rows[category] = {"delta_loss": float(delta[here].mean()),
+                                          "delta_loss_other": float(delta[predicts & ~here].mean()),
+                                          "share": float(share[c]), "lift": float(lift[c]), "tokens": int(here.sum())}
+                record[name] = rows
+            experts.append(record)
+    # Does routing specialisation predict what an expert is needed for? Rank correlation, over all (expert,
+    # category) pairs, between the expert's lift for the category and the loss increase on it when it is removed.
+    from scipy.stats import spearmanr
+
+    pairs = [(row["lift"], row["delta_loss"]) for record in experts for name in labellings
+             for row in record[name].values()]
+    rho = spearmanr(*zip(*pairs))
+    specialists = []
+    for name, category in targets:
+        candidates = [r for r in experts if category in r[name] and r[name][category]["share"] >= 0.2]
+        if not candidates:
             continue
-        layer, expert, lift, share = best
-        load = np.bincount(routes.experts[layer][routes.mask].reshape(-1), minlength=routes.scores[layer].shape[-1])
-        candidates = [e for e in range(len(load)) if e != expert]
-        control = min(candidates, key=lambda e: abs(int(load[e]) - int(load[expert])))
-        in_category = (labels[:, :-1] == c) & predicts_completion
-        elsewhere = (labels[:, :-1] != c) & predicts_completion & routes.mask[:, :-1]
-        uses = (response_categories[labelling].labels == c).any(axis=1)  # (P,) answers that contain the category
-        row = {"labelling": labelling, "category": category, "layer": layer, "expert": expert, "lift": lift,
-               "share": share, "control_expert": int(control), "tokens": int(in_category.sum()),
-               "answers_using_it": int(uses.sum()), "answers_not_using_it": int((~uses).sum())}
-        for who, disabled in (("specialist", expert), ("control", control)):
-            with analysis.experts_disabled(model, {layer: [disabled]}):
-                loss = analysis.token_losses(model, ids)
-                _, scores = greedy(model, problems)
-            delta = loss - base_loss
-            correct_before, correct_after = base_scores["accuracy"], scores["accuracy"]
-            row[who] = {
-                "delta_loss_category": float(delta[in_category].mean()),
-                "delta_loss_other": float(delta[elsewhere].mean()),
-                "accuracy_drop_using": float((correct_before - correct_after)[uses].mean()) if uses.any() else None,
-                "accuracy_drop_not_using": float((correct_before - correct_after)[~uses].mean())
-                if (~uses).any() else None,
-                "accuracy_drop": float((correct_before - correct_after).mean()),
-            }
-        rows.append(row)
-    return {"accuracy": float(base_scores["accuracy"].mean()), "rows": rows}
+        best = max(candidates, key=lambda r: r[name][category]["lift"])
+        others = [r for r in experts if r["layer"] == best["layer"] and r is not best and category in r[name]]
+        deltas = sorted((r[name][category]["delta_loss"] for r in experts
+                         if r["layer"] == best["layer"] and category in r[name]), reverse=True)
+        row = best[name][category]
+        specialists.append({
+            "labelling": name, "category": category, "layer": best["layer"], "expert": best["expert"],
+            "lift": row["lift"], "share": row["share"], "tokens": row["tokens"],
+            "delta_loss_category": row["delta_loss"], "delta_loss_other": row["delta_loss_other"],
+            "rank_of_its_delta_in_layer": deltas.index(row["delta_loss"]) + 1,
+            "others_median_delta_loss_category": float(np.median([r[name][category]["delta_loss"] for r in others])),
+            "accuracy_drop_direct": base["direct"] - best["accuracy"]["direct"],
+            "accuracy_drop_think": base["think"] - best["accuracy"]["think"],
+            "others_median_accuracy_drop_direct": float(np.median([base["direct"] - r["accuracy"]["direct"]
+                                                                   for r in others])),
+            "others_median_accuracy_drop_think": float(np.median([base["think"] - r["accuracy"]["think"]
+                                                                  for r in others]))})
+    return {"accuracy": base, "lift_vs_delta_loss_spearman": float(rho.statistic), "spearman_p": float(rho.pvalue),
+            "pairs": len(pairs), "specialists": specialists, "experts": experts}
 
 
 def main(argv=None):
@@ -228,16 +247,16 @@ def main(argv=None):
         log("ablation on the committed base done")
         save()
     if "granularity" in args.experiments:
-        for granularity, models in experiment_granularity(args.seeds, args.pretrain_steps, ids, problems,
-                                                          args.folder, log):
+        for granularity, _ in experiment_granularity(args.seeds, args.pretrain_steps, ids, problems, args.folder,
+                                                     log):
             results["granularity"] = granularity
             save()
-        if "ablation" in args.experiments:
-            for seed in args.seeds:
-                results["ablation"][f"coarse+shared seed {seed}"] = ablate(models["coarse+shared", seed], ids,
-                                                                           completion, problems)
-                log(f"ablation seed {seed} done")
-                save()
+    if "ablation" in args.experiments:
+        for seed in args.seeds:
+            model, _ = train_variant("coarse+shared", seed, args.pretrain_steps, args.folder)
+            results["ablation"][f"coarse+shared seed {seed}"] = ablate(model, ids, completion, problems)
+            log(f"ablation seed {seed} done")
+            save()
     log("all done")
 
 
