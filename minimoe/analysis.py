@@ -43,6 +43,7 @@ import numpy as np
 from .autograd import Tensor, no_grad
 from .backend import backend_of, get_array_module, get_backend
 from .rewards import ANSWER, ANSWER_END, BOS, EOS, THINK, THINK_END
+from .rl import token_logprobs
 from .tasks import Tokenizer
 
 __all__ = ["Labelling", "Routes", "LABELLINGS", "token_categories", "route", "contingency", "entropy_bits",
@@ -371,8 +372,6 @@ def experts_disabled(model, disabled):
 @no_grad()
 def token_losses(model, ids):
     """(B, T−1) host array: −log p(ids[t+1] | ids[≤ t]) under `model` in eval mode (restored afterwards)."""
-    from .rl import token_logprobs
-
     was_training = model.training
     model.eval()
     try:
@@ -390,7 +389,8 @@ def token_losses(model, ids):
 def expert_output_similarity(model, routes):
     """Per MoE layer, the (E, E) cosine similarity between the experts' outputs when every expert is run on all
     the layer's (real) input tokens: cos(e, f) = ⟨y_e, y_f⟩ / (‖y_e‖ ‖y_f‖), y_e the (N·dim) stack of expert e's
-    outputs, computed in float64. Redundant experts compute similar functions and score near 1; specialised ones near 0."""
+    outputs, computed in float64. Redundant experts compute similar functions and score near 1; specialised ones
+    near 0."""
     mask = routes.mask.reshape(-1)
     result = []
     for moe, x in zip(model.moe_layers(), routes.inputs):
@@ -427,7 +427,7 @@ def routing_figure(model, prompt, layer=0, use_bias=True, tokenizer=None, axes=N
         figure = Figure(figsize=(max(6.0, 0.28 * ids.shape[1] + 1.5), 0.28 * n_experts + 1.6))
         axes = figure.subplots()
     image = axes.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
-    labels = [tokenizer.tokens[i].replace("answer", "ans").replace("think", "thk") for i in ids[0]]
+    labels = [tokenizer.tokens[i].replace("answer", "ans").replace("think", "thk").replace(" ", "␣") for i in ids[0]]
     axes.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
     axes.set_yticks(range(n_experts))
     axes.set(ylabel="expert", title=f"MoE layer {layer}: combine weight of each chosen expert"
