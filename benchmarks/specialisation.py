@@ -169,7 +169,8 @@ def ablate(model, ids, completion, problems, targets=ABLATION_TARGETS):
             for name in labellings:
                 counts = analysis.contingency(categories[name].labels, chosen, len(categories[name].names), n_experts)
                 share = counts[:, expert] / np.maximum(counts.sum(axis=1), 1)  # (C,) p(e|c)
-                lift = share / (counts[:, expert].sum() / counts.sum())
+                load = counts[:, expert].sum() / counts.sum()
+                lift = share / load if load > 0 else np.zeros_like(share)  # an expert nobody picks: no lift
                 rows = {}
                 for c, category in enumerate(categories[name].names):
                     here = (inputs[name] == c) & predicts
