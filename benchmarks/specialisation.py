@@ -5,15 +5,18 @@
                  tokens whose experts changed, greedy accuracy)
     granularity  coarse (8 experts of width I, top-2) vs fine-grained (16 of width I/2, top-4), each with and
                  without the shared expert (without it, one more routed expert's worth is activated: top-3 /
-                 top-6), so that every model activates the same FFN width (192) and owns the same total (576 when
-                 shared + routed are counted): DeepSeekMoE's comparison at equal compute. Each is pretrained from
+                 top-6), so that every model activates the same FFN width per token (192): DeepSeekMoE's
+                 comparison at equal compute (total FFN width 576 with the shared expert, 512 without; the
+                 shared expert of the fine model is two of width I/2, i.e. one of width I). Each is pretrained from
                  scratch per seed (reduced steps: see --pretrain-steps) and measured: U, the excess over the
                  shuffled null, the mean cosine similarity between experts' outputs (redundancy), accuracy.
-    ablation     per model (the committed base, and the coarse+shared model of each seed): for a few categories,
-                 the expert most specialised for it (highest lift p(e|c)/p(e) among experts that take ≥ 20 % of the
-                 category) is disabled; the change in next-token loss on that category's tokens vs on all other
-                 tokens, against a control expert of the same layer with the closest load; and greedy accuracy on
-                 problems whose unablated answer uses the category vs problems whose answer does not.
+    ablation     per model (the committed base, and the coarse+shared model of each seed): every routed expert of
+                 every layer is removed in turn (the gate never picks it); for each, the change in next-token loss
+                 at the positions whose input is of each category, and the greedy accuracy answering directly and
+                 when made to think (prompt + <think>). Then: the rank correlation over (expert, category) pairs
+                 between routing lift p(e|c)/p(e) and loss increase; and for a few categories, the specialist (the
+                 highest lift among experts taking ≥ 20 % of the category) against the median other expert of
+                 its layer.
 
 All analysis runs on fixed held-out token sequences (the test split's corpus, all three styles), teacher-forced.
 
