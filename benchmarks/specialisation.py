@@ -20,7 +20,8 @@
 
 All analysis runs on fixed held-out token sequences (the test split's corpus, all three styles), teacher-forced.
 
-    nice -n 10 python -m benchmarks.specialisation --seeds 0 1 2 --out lessons/data/specialisation.json
+    nice -n 10 python -m benchmarks.specialisation --seeds 0 1 2 --pretrain-steps 400 \
+        --compact --out lessons/data/specialisation.json        # lesson 15's copy (about 1.5 h on 2 busy cores)
 """
 
 import argparse
@@ -222,9 +223,16 @@ def main(argv=None):
     parser.add_argument("--pretrain-steps", type=int, default=600)
     parser.add_argument("--grpo-steps", type=int, default=150)
     parser.add_argument("--problems", type=int, default=200, help="held-out problems for greedy accuracy")
+    parser.add_argument("--ablation-problems", type=int, default=100,
+                        help="held-out problems for greedy accuracy, twice per expert removed")
     parser.add_argument("--experiments", nargs="+", default=["rl", "ablation", "granularity"])
+    parser.add_argument("--base-seeds", type=int, nargs="*", default=[1, 2],
+                        help="ablation: also pretrain the demo configuration with these seeds, for as many steps as "
+                             "the committed (seed 0) base model had")
     parser.add_argument("--folder", default="runs/specialisation", help="where pretrained variants are cached")
     parser.add_argument("--out", default="runs/specialisation/specialisation.json")
+    parser.add_argument("--compact", action="store_true", help="leave out the per-expert ablation records (the "
+                                                                 "lesson's copy in lessons/data/ is compact)")
     args = parser.parse_args(argv)
     os.makedirs(args.folder, exist_ok=True)
     started = time.perf_counter()
@@ -237,19 +245,28 @@ def main(argv=None):
                                                               "except steps, warmup min(50, steps/10), seed"}}
 
     def save():
+        if args.compact:
+            for run in results.get("ablation", {}).values():
+                run.pop("experts", None)
         with open(args.out, "w") as file:
             json.dump(results, file, indent=1)
 
     ids, completion = analysis_set()
     problems = AdditionTask(3).sample(np.random.default_rng(1234), args.problems, split="test")
+    ablation_problems = AdditionTask(3).sample(np.random.default_rng(1234), args.ablation_problems, split="test")
     if "rl" in args.experiments:
         results["rl"] = experiment_rl(args.seeds, args.grpo_steps, ids, problems, log)
         save()
     if "ablation" in args.experiments:
-        base, _ = load_checkpoint(BASE, restore_random_state=False)
-        results["ablation"] = {"base": ablate(base, ids, completion, problems)}
+        base, state = load_checkpoint(BASE, restore_random_state=False)
+        results["ablation"] = {"base seed 0 (committed)": ablate(base, ids, completion, ablation_problems)}
         log("ablation on the committed base done")
         save()
+        for seed in args.base_seeds:
+            model, _ = train_variant("coarse+shared", seed, state["config"]["steps"], args.folder)
+            results["ablation"][f"base seed {seed}"] = ablate(model, ids, completion, ablation_problems)
+            log(f"ablation on the base model of seed {seed} done")
+            save()
     if "granularity" in args.experiments:
         for granularity, _ in experiment_granularity(args.seeds, args.pretrain_steps, ids, problems, args.folder,
                                                      log):
@@ -258,7 +275,8 @@ def main(argv=None):
     if "ablation" in args.experiments:
         for seed in args.seeds:
             model, _ = train_variant("coarse+shared", seed, args.pretrain_steps, args.folder)
-            results["ablation"][f"coarse+shared seed {seed}"] = ablate(model, ids, completion, problems)
+            name = f"coarse+shared, {args.pretrain_steps} steps, seed {seed}"
+            results["ablation"][name] = ablate(model, ids, completion, ablation_problems)
             log(f"ablation seed {seed} done")
             save()
     log("all done")
