@@ -74,7 +74,9 @@ def measure(model, ids, problems, n_shuffles=20):
     _, scores = greedy(model, problems)
     loads = [np.bincount(e[routes.mask].reshape(-1), minlength=s.shape[-1]) for e, s in
              zip(routes.experts, routes.scores)]
+    top1 = routes._replace(experts=[e[..., :1] for e in routes.experts])  # K differs between models: compare top-1
     return routes, {"specialisation": analysis.specialisation(routes, categories, ids, n_shuffles),
+                    "specialisation_top1": analysis.specialisation(top1, categories, ids, n_shuffles),
                     "output_cosine": off_diagonal,
                     "load_max_over_mean": [float(load.max() / load.mean()) for load in loads],
                     "accuracy": float(scores["accuracy"].mean()), "thinking_share": float(scores["thinks"].mean())}
