@@ -25,7 +25,12 @@ more specialised and less redundant. Both can be measured on our small model:
    of experts handed to a random other token (a permutation). Category sizes and expert loads are kept exactly;
    any link between them is broken. The plug-in estimate of I is biased upwards (by about (|C|−1)(|E|−1) /
    (2 N ln 2) bits for N assignments), and the null measures that bias for this very table. "Specialised"
-   then means: U well above the null's mean, in units of the null's spread (z).
+   then means: U well above the null's mean, in units of the null's spread (z). A second null shuffles only
+   among tokens with the same id: what is left above it is what the category says beyond the token's identity.
+6. Two cautions when comparing models. Pooling the K slots lets a token's weaker choices dilute U, so models with
+   different K are compared on their top-1 choice (`routes._replace(experts=[e[..., :1] for e in routes.experts])`).
+   And more experts make a finer partition, which can carry more information about the category by construction;
+   the null removes the estimation bias, not that.
 
 Also here: `experts_disabled` (ablate experts by making the router never pick them), `token_losses` (per-token
 next-token loss, to see who suffers from an ablation), `expert_output_similarity` (how redundant the experts are:
