@@ -65,10 +65,14 @@ def lm_batch(corpus, tokenizer, backend=None):
 
 
 def lm_loss(model, inputs, targets):
-    """(total, lm): the next-token loss on the completion tokens, and the same plus the MoE balance terms."""
-    lm = F.cross_entropy(model(inputs), targets, ignore_index=IGNORE)
-    balance = model.balance_loss()
-    return (lm if balance is None else lm + balance), lm
+    """(total, lm): the next-token loss on the completion tokens, and the same plus the MoE balance terms and,
+    for a model with multi-token prediction modules, λ·L_MTP (DeepSeek-V3 §2.2; its value is then kept in
+    model.last_mtp_loss)."""
+    lm = F.cross_entropy(model(inputs, mtp=model.config.n_mtp_modules > 0), targets, ignore_index=IGNORE)
+    total = lm
+    for extra in (model.balance_loss(), model.mtp_loss(targets, IGNORE)):
+        total = total if extra is None else total + extra
+    return total, lm
 
 
 def optimizer_step(model, optimizer, scheduler, loss, grad_clip):
@@ -112,7 +116,8 @@ def heldout_loss(model, task, tokenizer, config, seed=12345):
 def pretrain(model, task, config=None, tokenizer=None, out_dir=None, resume_from=None, progress=True,
              on_step=None, on_eval=None):
     """Pretrain `model` on `task`'s mixed corpus. Returns the history:
-    {"step", "loss", "lm_loss", "lr", "grad_norm", "expert_load", "router_entropy": per-step lists;
+    {"step", "loss", "lm_loss", "lr", "grad_norm", "expert_load", "router_entropy" (and "mtp_loss", the mean
+     of the MTP modules' losses, when the model has them): per-step lists;
      "eval": [{"step", "heldout_loss", ...}], "seconds": wall time}.
 
     out_dir      -- where checkpoints go (`pretrain_last.npz/.json`); None: no checkpoints
@@ -151,6 +156,7 @@ def pretrain(model, task, config=None, tokenizer=None, out_dir=None, resume_from
     for step in bar:
         corpus = build_corpus(task, config.batch_size, data_rng, config.mix, split="train")
         inputs, targets = lm_batch(corpus, tokenizer)
+        model.set_training_progress(step / config.steps)  # the MTP loss weight's schedule
         loss, lm = lm_loss(model, inputs, targets)
         lr = optimizer.lr
         grad_norm = optimizer_step(model, optimizer, scheduler, loss, config.grad_clip)
@@ -159,8 +165,10 @@ def pretrain(model, task, config=None, tokenizer=None, out_dir=None, resume_from
         check_finite("pretrain", loss_value, step + 1, checkpoint)
         record = {"step": step + 1, "loss": loss_value, "lm_loss": lm.item(), "lr": lr,
                   "grad_norm": grad_norm.item(), **model.routing_summary()}
+        if model.config.n_mtp_modules:
+            record["mtp_loss"] = model.last_mtp_loss.item()
         for key, value in record.items():
-            history[key].append(value)
+            history.setdefault(key, []).append(value)
         bar.set_postfix(loss=f"{loss_value:.3f}")
         if on_step:
             on_step(step + 1, record)

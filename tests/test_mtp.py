@@ -1,0 +1,146 @@
+"""Multi-token prediction (DeepSeek-V3 §2.2) against its PyTorch twin (tests/reference/mtp.py) in float64: the
+logits of every depth, the combined loss and the gradient of every parameter, for D = 1 and 2, MHA and MLA, dense
+and MoE blocks. Then the configuration, the parameter counts, the state dict and the training hook."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import minimoe
+import minimoe.functional as F
+from minimoe.model import ModelConfig, Transformer
+from minimoe.mtp import MTP_SWITCH_FRACTION
+from minimoe.testing import check_close, to_numpy
+from minimoe.train import IGNORE, lm_loss
+from reference import mtp as twin
+
+RTOL, ATOL = 1e-8, 1e-12
+SMALL = dict(vocab_size=11, dim=16, n_layers=1, n_heads=2, max_seq_len=16, kv_lora_rank=8, qk_nope_head_dim=4,
+             qk_rope_head_dim=4, v_head_dim=4, inter_dim=24, n_routed_experts=4, n_shared_experts=1,
+             n_activated_experts=2, moe_inter_dim=8, bias_update_speed=0.0, mtp_loss_weight=0.3)
+
+CONFIGS = {f"D{d}_{attention}_{ffn}": dict(n_mtp_modules=d, attention=attention, ffn=ffn)
+           for d in (1, 2) for attention in ("mha", "mla") for ffn in ("dense", "moe")}
+CONFIGS["D2_mla_absorbed_moe_aux_loss"] = dict(n_mtp_modules=2, attention="mla", mla_absorb=True, q_lora_rank=6,
+                                               aux_loss_alpha=0.01)
+
+
+def build(overrides, seed=0):
+    """A minimoe model whose parameters (norm weights included, so that swapping two norms would show) are all
+    random, and its float64 twin loaded from the same state."""
+    minimoe.manual_seed(seed)
+    config = ModelConfig(**{**SMALL, **overrides})
+    model = Transformer(config)
+    rng = np.random.default_rng(seed)
+    state = {name: to_numpy(value) for name, value in model.state_dict().items()}
+    for name, value in state.items():
+        if name.endswith("norm.weight"):
+            state[name] = 1 + rng.normal(0, 0.2, value.shape)
+    model.load_state_dict(state)
+    return config, model, twin.from_minimoe(config, state)
+
+
+def random_tokens(config, shape, seed=1):
+    return np.random.default_rng(seed).integers(0, config.vocab_size, shape)
+
+
+@pytest.mark.parametrize("overrides", CONFIGS.values(), ids=CONFIGS.keys())
+def test_mtp_matches_twin(float64, overrides):
+    config, model, reference = build(overrides)
+    ids = random_tokens(config, (3, 11))
+    inputs, targets = ids[:, :-1], ids[:, 1:].copy()
+    targets[0, :3] = IGNORE  # a prompt: its positions are skipped by every depth
+
+    loss, lm = lm_loss(model, minimoe.tensor(inputs), minimoe.tensor(targets))
+    logits, depth_logits = reference.forward_mtp(torch.tensor(inputs))
+    assert len(model.mtp_logits) == len(depth_logits) == config.n_mtp_modules
+    for k, (ours, theirs) in enumerate(zip(model.mtp_logits, depth_logits), start=1):
+        assert ours.shape == (3, 10 - k, config.vocab_size)
+        check_close(ours, theirs, ATOL, RTOL, name=f"P^{k}", quiet=True)
+    expected_lm = TF.cross_entropy(logits.reshape(-1, config.vocab_size), torch.tensor(targets).reshape(-1),
+                                   ignore_index=IGNORE)
+    check_close(lm, expected_lm, ATOL, RTOL, name="main loss", quiet=True)
+    expected = expected_lm + reference.mtp_loss(depth_logits, torch.tensor(targets), config.mtp_loss_weight, IGNORE)
+    if reference.balance_loss() is not None:
+        expected = expected + reference.balance_loss()
+    check_close(loss, expected, ATOL, RTOL, name="main + balance + MTP loss", quiet=True)
+
+    loss.backward()
+    expected.backward()
+    theirs = dict(reference.named_parameters())
+    assert set(theirs) == {name for name, _ in model.named_parameters()}
+    for name, p in model.named_parameters():
+        reference_grad = theirs[name].grad if theirs[name].grad is not None else torch.zeros_like(theirs[name])
+        assert p.grad is not None or not reference_grad.any(), f"{name}: no gradient"
+        check_close(p.grad if p.grad is not None else np.zeros(p.shape), reference_grad, ATOL, RTOL,
+                    name=f"grad {name}", quiet=True)
+    assert any(name.startswith("mtp.") and theirs[name].grad.abs().sum() > 0 for name in theirs)
+
+
+def test_mtp_loss_is_the_mean_of_depth_losses_times_lambda(float64):
+    config, model, _ = build(dict(n_mtp_modules=2, mtp_loss_weight=0.5))
+    ids = minimoe.tensor(random_tokens(config, (2, 9)))
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    logits = model(inputs, mtp=True)
+    depth = [F.cross_entropy(p, targets[:, k:]).item() for k, p in enumerate(model.mtp_logits, start=1)]
+    assert model.mtp_loss(targets).item() == pytest.approx(0.5 * (depth[0] + depth[1]) / 2, rel=1e-12)
+    assert model.last_mtp_loss.item() == pytest.approx((depth[0] + depth[1]) / 2, rel=1e-12)
+    check_close(logits, model(inputs), 0, 0, name="main logits do not depend on the MTP modules")
+
+
+def test_config_defaults_keep_old_configs_and_checkpoints_loading(float64):
+    old = {f.name: getattr(ModelConfig(), f.name) for f in dataclasses.fields(ModelConfig)
+           if not f.name.startswith(("n_mtp", "mtp_"))}
+    config = ModelConfig.from_dict(old)
+    assert config.n_mtp_modules == 0 and config.mtp_loss_weight == 0.3 and config.mtp_loss_weight_final is None
+    model = Transformer(config)
+    assert model.mtp is None and not any(name.startswith("mtp") for name in model.state_dict())
+    assert model.mtp_loss(minimoe.tensor([[1, 2]])) is None
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="n_mtp_modules=-1 must be ≥ 0"):
+        ModelConfig(n_mtp_modules=-1)
+    with pytest.raises(ValueError, match="mtp_loss_weight=-0.1 must be ≥ 0"):
+        ModelConfig(mtp_loss_weight=-0.1)
+    with pytest.raises(ValueError, match="mtp_loss_weight_final=-1 must be ≥ 0"):
+        ModelConfig(mtp_loss_weight_final=-1)
+    model = Transformer(ModelConfig(**SMALL))
+    with pytest.raises(ValueError, match="no MTP modules"):
+        model(minimoe.tensor([[1, 2, 3]]), mtp=True)
+    with pytest.raises(ValueError, match="nothing for MTP depth 2"):
+        Transformer(ModelConfig(**{**SMALL, "n_mtp_modules": 2}))(minimoe.tensor([[1, 2]]), mtp=True)
+
+
+def test_lambda_schedule():
+    model = Transformer(ModelConfig(**{**SMALL, "n_mtp_modules": 1, "mtp_loss_weight_final": 0.1}))
+    model.set_training_progress(0.0)
+    assert model.mtp_weight == 0.3
+    model.set_training_progress(MTP_SWITCH_FRACTION - 1e-9)
+    assert model.mtp_weight == 0.3
+    model.set_training_progress(MTP_SWITCH_FRACTION)
+    assert model.mtp_weight == 0.1
+
+
+def test_parameter_counts_and_state_dict(float64):
+    config, model, _ = build(dict(n_mtp_modules=2, ffn="moe"))
+    counts = model.parameter_counts()
+    plain = Transformer(ModelConfig(**SMALL)).parameter_counts()
+    mtp_names = [name for name, _ in model.named_parameters() if name.startswith("mtp.")]
+    assert counts["mtp"] == sum(p.size for name, p in model.named_parameters() if name.startswith("mtp."))
+    assert counts["total"] == plain["total"] + counts["mtp"]
+    assert counts["activated"] == plain["activated"], "inference drops the MTP modules"
+    d = config.dim
+    per_module = counts["mtp"] // 2
+    assert f"mtp.0.eh_proj.weight" in mtp_names and model.state_dict()["mtp.1.eh_proj.weight"].shape == (d, 2 * d)
+    assert per_module == 2 * d * d + 3 * d + Transformer(ModelConfig(**SMALL)).layers[0].num_parameters()
+    ids = minimoe.tensor(random_tokens(config, (2, 6)))
+    _, other, _ = build(dict(n_mtp_modules=2, ffn="moe"), seed=5)
+    other.load_state_dict({k: v.copy() for k, v in model.state_dict().items()})
+    other(ids, mtp=True)
+    model(ids, mtp=True)
+    for ours, theirs in zip(model.mtp_logits, other.mtp_logits):
+        check_close(theirs, ours, 0, 0, name="MTP logits after load")
