@@ -181,7 +181,8 @@ def command_generate(args):
     problem = Problem(prompt=args.prompt, reference="", task=config["task"], operands=(), target=None)
     try:
         responses = sample_responses(model, [problem], tokenizer, args.n, _eval_settings(config, task)["max_new_tokens"],
-                                     temperature=args.temperature, greedy=args.temperature == 0)
+                                     temperature=args.temperature, greedy=args.temperature == 0,
+                                     speculative=args.speculative)
     except ValueError as error:
         raise SystemExit(f"generate: {error}") from None
     for text in responses.texts:
@@ -206,6 +207,8 @@ def main(argv=None):
     parser.add_argument("--prompt", help="generate: the prompt, e.g. 347+589=")
     parser.add_argument("--n", type=int, default=4, help="generate: number of samples")
     parser.add_argument("--temperature", type=float, default=1.0, help="generate: 0 for greedy")
+    parser.add_argument("--speculative", action="store_true",
+                        help="generate: draft with the model's multi-token prediction modules (n_mtp_modules ≥ 1)")
     parser.add_argument("--threads", type=int, default=1,
                         help="BLAS threads (default 1: this model's matrices are too small to share, and a second "
                              "thread spin-waits on a busy core; 0 leaves the BLAS library's own setting)")

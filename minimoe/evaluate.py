@@ -48,8 +48,9 @@ def _by_prompt_length(prompt_ids):
 
 @no_grad()
 def sample_responses(model, problems, tokenizer=None, n_per_problem=1, max_new_tokens=40, temperature=1.0,
-                     top_k=None, top_p=None, greedy=False, generator=None):
-    """Generate `n_per_problem` responses to every problem in one batched pass per prompt length."""
+                     top_k=None, top_p=None, greedy=False, generator=None, speculative=False):
+    """Generate `n_per_problem` responses to every problem in one batched pass per prompt length
+    (speculative=True: drafted by the model's MTP modules, see minimoe/speculative.py)."""
     tokenizer = tokenizer or Tokenizer()
     backend = get_backend()
     xp = backend.xp
@@ -64,7 +65,8 @@ def sample_responses(model, problems, tokenizer=None, n_per_problem=1, max_new_t
     for prompt_length, indices in _by_prompt_length(prompt_ids).items():
         batch = backend.asarray(numpy.array([prompt_ids[i] for i in indices]))
         out = generate(model, batch, max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                       temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator)
+                       temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator,
+                       speculative=speculative)
         index = backend.asarray(numpy.array(indices))
         tokens[index, :prompt_length + max_new_tokens] = out.tokens
         positions = xp.arange(width - 1)  # the position that predicts token t + 1

@@ -75,11 +75,18 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, g
 
 @no_grad()
 def generate(model, prompt_ids, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=None, top_p=None,
-             greedy=False, use_cache=True, generator=None):
+             greedy=False, use_cache=True, generator=None, speculative=False):
     """Continue each prompt of `prompt_ids` (B, P) — integer backend array, all prompts the same length — by up
     to `max_new_tokens` tokens. Runs in eval mode (no dropout, deterministic routing) and restores the mode.
+    speculative=True drafts with the model's multi-token prediction modules and verifies the drafts in one pass
+    (minimoe/speculative.py): the same output distribution, fewer passes of the main model.
 
     Stopping early when every sequence has finished costs one boolean read from the device per step."""
+    if speculative:
+        from .speculative import speculative_generate  # it builds on this module
+
+        return speculative_generate(model, prompt_ids, max_new_tokens, eos_id, pad_id, temperature, top_k, top_p,
+                                    greedy, generator)
     prompt_ids = prompt_ids.data if isinstance(prompt_ids, Tensor) else prompt_ids
     xp = get_array_module(prompt_ids)
     batch, prompt_length = prompt_ids.shape
