@@ -206,7 +206,7 @@ def speculative_generate(model, prompt_ids, max_new_tokens, eos_id, pad_id, temp
     step = xp.arange(max_new_tokens)
     is_eos = responses == eos_id
     stopped = is_eos.any(axis=1)
-    lengths = xp.where(stopped, is_eos.argmax(axis=1) + 1, max_new_tokens).astype(prompt_ids.dtype)
+    lengths = ((xp.cumsum(is_eos, axis=1) - is_eos) == 0).sum(axis=1).astype(prompt_ids.dtype)  # up to the 1st EOS
     responses = xp.where(step[None] < lengths[:, None], responses, pad_id).astype(prompt_ids.dtype)
     tokens = xp.concatenate([prompt_ids, responses], axis=1)
     return SpeculativeGeneration(tokens, responses, lengths, stopped, drafted, accepted_total, drafted_by_depth,

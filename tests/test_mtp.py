@@ -206,13 +206,16 @@ def test_speculative_greedy_equals_plain_greedy(float64, overrides):
             assert fast.steps < 24
 
 
-def test_speculative_greedy_single_prompt_and_short_budgets(float64):
+def test_speculative_greedy_single_prompts_short_budgets_and_the_whole_context(float64):
     model = trained_toy(dict(n_mtp_modules=2))
-    prompt = progressions(np.random.default_rng(3), 1, 4)
-    for new_tokens in (1, 2, 3, 7):
+    sequence = progressions(np.random.default_rng(3), 1, 4)
+    for prompt_length, new_tokens in ((4, 0), (4, 1), (4, 2), (4, 3), (4, 7), (1, 10), (1, 31)):
+        prompt = sequence[:, :prompt_length]
         plain = generate(model, prompt, new_tokens, EOS, PAD, greedy=True)
         fast = generate(model, prompt, new_tokens, EOS, PAD, greedy=True, speculative=True)
-        assert np.array_equal(to_numpy(fast.tokens), to_numpy(plain.tokens)), new_tokens
+        for field in ("tokens", "lengths", "finished"):
+            assert np.array_equal(to_numpy(getattr(fast, field)), to_numpy(getattr(plain, field))), \
+                (field, prompt_length, new_tokens)
 
 
 def exact_distribution(model, prompt, n_new, temperature, top_k):
