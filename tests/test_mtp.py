@@ -279,3 +279,25 @@ def test_cli_speculative_with_a_checkpoint_without_mtp_weights(capsys):
     with pytest.raises(SystemExit, match=r"generate: speculative decoding .*\(n_mtp_modules=0"):
         main(["generate", "--checkpoint", "lessons/data/base_addition3", "--prompt", "347+589=", "--speculative",
               "--n", "1"])
+
+
+def test_pretrain_trains_the_modules_and_logs_their_loss(tmp_path):
+    """pretrain adds λ·L_MTP (with the schedule) to its loss, records the modules' loss apart, and the checkpoint
+    carries their weights."""
+    from minimoe.checkpoint import load_checkpoint
+    from minimoe.tasks import AdditionTask, Tokenizer
+    from minimoe.train import PretrainConfig, pretrain
+    minimoe.manual_seed(0)
+    config = ModelConfig(vocab_size=Tokenizer().vocab_size, dim=16, n_layers=1, n_heads=2, moe_inter_dim=8,
+                         n_routed_experts=4, n_mtp_modules=1, mtp_loss_weight_final=0.1)
+    model = Transformer(config)
+    before = to_numpy(model.mtp[0].eh_proj.weight).copy()
+    history = pretrain(model, AdditionTask(3), PretrainConfig(steps=4, batch_size=8, warmup_steps=1, eval_every=0,
+                                                              checkpoint_every=4), out_dir=str(tmp_path),
+                       progress=False)
+    assert len(history["mtp_loss"]) == 4 and all(np.isfinite(history["mtp_loss"]))
+    assert all(total > lm for total, lm in zip(history["loss"], history["lm_loss"]))
+    assert model.mtp_weight == 0.1, "step 4 of 4 starts at 3/4 of the run, past 10/14.8"
+    assert not np.allclose(to_numpy(model.mtp[0].eh_proj.weight), before)
+    loaded, _ = load_checkpoint(str(tmp_path / "pretrain_last"), restore_random_state=False)
+    check_close(loaded.mtp[0].eh_proj.weight, model.mtp[0].eh_proj.weight, 0, 0, name="M_1 after load")
