@@ -44,12 +44,13 @@ def prompts(kind, count, backend, seed=0):
     return backend.asarray(ids)
 
 
-def run(device, repeats):
+def run(device, repeats, checkpoint=CHECKPOINT):
+    """The rows for the model in `checkpoint` (any model with MTP modules; default: the committed demo model)."""
     tokenizer = Tokenizer()
     previous = minimoe.set_default_dtype("float32")
     try:
         with minimoe.use_backend(device.backend) as backend:
-            model = load_checkpoint(str(CHECKPOINT), restore_random_state=False)[0]
+            model = load_checkpoint(str(checkpoint), restore_random_state=False)[0]
             entries = []
             for kind in ("direct", "worked"):
                 entries += _measure(model, kind, backend, tokenizer, device, repeats)
@@ -80,7 +81,8 @@ def _measure(model, kind, backend, tokenizer, device, repeats):
         plain_rate, fast_rate = tokens / times["plain"]["wall"], tokens / times["speculative"]["wall"]
         label = f"speculative, {kind} answers, batch {batch_size}"
         if batch_size == 1:
-            entries.append(Entry(f"{label}: drafts kept ({drafted} drafted, D = 1)", "share", accepted / drafted))
+            entries.append(Entry(f"{label}: drafts kept ({drafted} drafted, D = {model.config.n_mtp_modules})",
+                                 "share", accepted / drafted))
         entries += [Entry(f"{label}: plain greedy", "tokens/s (higher is better)", plain_rate),
                     Entry(f"{label}: speculative greedy", "tokens/s (higher is better)", fast_rate),
                     Entry(f"{label}: speculative / plain", "ratio (higher is better)", fast_rate / plain_rate),
