@@ -180,6 +180,7 @@ class Transformer(Module):
                                for k in range(1, config.n_mtp_modules + 1)]) if config.n_mtp_modules else None
         self.mtp_weight = config.mtp_loss_weight  # λ now; set_training_progress follows the schedule
         self.mtp_logits = None  # [P¹, …, P^D] of the last forward with mtp=True
+        self.last_mtp_loss = None  # (1/D) Σ_k L^k of the last mtp_loss call, for logs
 
     def forward(self, ids, start_pos=0, caches=None, mtp=False):
         """Next-token logits (B, T, vocab_size). With mtp=True (training, whole sequences) the MTP modules run too
