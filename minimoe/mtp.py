@@ -1,7 +1,7 @@
 """Multi-token prediction (DeepSeek-V3 technical report §2.2): D small modules that, next to the main model's
 next-token head, predict the tokens after it, each keeping the full causal chain.
 
-    main model:   ids ─ embed ─ layers ─→ h⁰ ─ norm ─ head ─→ P⁰_{i+1}                  (the usual logits)
+    main model:   ids ─ embed ─ layers ─→ h⁰ ─ norm ─ head ─→ P⁰_{i+1}          (the usual logits)
     module k:     h′ᵢᵏ = M_k [enorm(Emb(t_{i+k})) ; hnorm(hᵢᵏ⁻¹)]        i = 0 .. T−1−k
                   hᵏ   = TRM_k(h′ᵏ)                                      a Transformer block, causal
                   P^k_{i+k+1} = head(norm_k(hᵢᵏ))                         predicts the token k+1 ahead

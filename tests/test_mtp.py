@@ -135,7 +135,7 @@ def test_parameter_counts_and_state_dict(float64):
     assert counts["activated"] == plain["activated"], "inference drops the MTP modules"
     d = config.dim
     per_module = counts["mtp"] // 2
-    assert f"mtp.0.eh_proj.weight" in mtp_names and model.state_dict()["mtp.1.eh_proj.weight"].shape == (d, 2 * d)
+    assert "mtp.0.eh_proj.weight" in mtp_names and model.state_dict()["mtp.1.eh_proj.weight"].shape == (d, 2 * d)
     assert per_module == 2 * d * d + 3 * d + Transformer(ModelConfig(**SMALL)).layers[0].num_parameters()
     ids = minimoe.tensor(random_tokens(config, (2, 6)))
     _, other, _ = build(dict(n_mtp_modules=2, ffn="moe"), seed=5)
