@@ -238,7 +238,7 @@ def exact_distribution(model, prompt, n_new, temperature, top_k):
 @pytest.mark.parametrize("depth,temperature,top_k", [(1, 1.0, None), (2, 0.7, 3)], ids=["D1_T1", "D2_T0.7_top3"])
 def test_speculative_sampling_follows_the_main_model_exactly(float64, depth, temperature, top_k):
     """Leviathan et al. / Chen et al.: accepted with probability min(1, p/q), else redrawn from norm(max(0, p − q)),
-    the tokens follow the main model's distribution p whatever the draft q. 40,000 samples of 3 tokens over a
+    the tokens follow the main model's distribution p whatever the draft q. 20,000 samples of 3 tokens over a
     4-token vocabulary against the exact distribution (every continuation enumerated): a χ² test, fixed seed."""
     from scipy.stats import chisquare
     minimoe.manual_seed(depth)
@@ -248,7 +248,7 @@ def test_speculative_sampling_follows_the_main_model_exactly(float64, depth, tem
         p.data = p.data * (3.0 if name.endswith("head.weight") else 1.0)
     prompt = np.array([1, 2, 3])
     continuations, expected = exact_distribution(model, prompt, 3, temperature, top_k)
-    n = 40_000
+    n = 20_000
     out = generate(model, np.repeat(prompt[None], n, 0), 3, eos_id=99, pad_id=0, temperature=temperature,
                    top_k=top_k, speculative=True, generator=np.random.default_rng(0))
     codes = to_numpy(out.responses) @ (4 ** np.arange(2, -1, -1))
