@@ -380,7 +380,8 @@ def command_generate(args):
     model = _load_model(args.checkpoint, config, tokenizer)[0]
     problem = Problem(prompt=args.prompt, reference="", task=config["task"], operands=(), target=None)
     responses = sample_responses(model, [problem], tokenizer, args.n, config["eval_settings"]["max_new_tokens"],
-                                 temperature=args.temperature or 1.0, greedy=args.temperature == 0)
+                                 temperature=args.temperature or 1.0, greedy=args.temperature == 0,
+                                 speculative=args.speculative)
     for text in responses.texts:
         print(f"{args.prompt}{text}")
 
@@ -451,6 +452,8 @@ def build_parser():
     sub["generate"].add_argument("--prompt", required=True, help="the prompt, e.g. 347+589=")
     sub["generate"].add_argument("--n", type=_number(int, 1), default=4, help="number of samples (≥ 1)")
     sub["generate"].add_argument("--temperature", type=_number(float, 0), default=1.0, help="0 for greedy")
+    sub["generate"].add_argument("--speculative", action="store_true",
+                                 help="draft with the model's multi-token prediction modules (n_mtp_modules ≥ 1)")
     return parser
 
 
