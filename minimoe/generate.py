@@ -92,7 +92,6 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, g
     return xp.minimum((cdf < u).sum(axis=-1), logits.shape[-1] - 1)
 
 
-@no_grad()
 def prompt_shape(model, prompt_ids, max_new_tokens):
     """(prompt ids as an array, B, P, P + max_new_tokens), refusing a total longer than the model's context."""
     prompt_ids = prompt_ids.data if isinstance(prompt_ids, Tensor) else prompt_ids
@@ -104,6 +103,7 @@ def prompt_shape(model, prompt_ids, max_new_tokens):
     return prompt_ids, batch, prompt_length, total
 
 
+@no_grad()
 def generate(model, prompt_ids, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=None, top_p=None,
              greedy=False, use_cache=True, generator=None, speculative=False):
     """Continue each prompt of `prompt_ids` (B, P) — integer backend array, all prompts the same length — by up
