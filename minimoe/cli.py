@@ -1,73 +1,193 @@
 """`python -m minimoe …`: the whole story in one command, and each of its steps on its own.
 
     python -m minimoe demo                      pretrain → evaluate → GRPO → evaluate, plots and a summary
-    python -m minimoe train --out runs/base     pretrain a model
+    python -m minimoe train --out runs/base     pretrain a model (--checkpoint X: start from X's weights)
     python -m minimoe rl --checkpoint runs/base/pretrain_last --out runs/rl
     python -m minimoe eval --checkpoint runs/rl/rl_last
     python -m minimoe generate --checkpoint runs/rl/rl_last --prompt 347+589=
 
-Every command takes --seed, --backend (numpy | cupy | fakegpu), --out and --config: a JSON file whose sections
-override the defaults, e.g. {"model": {"dim": 96}, "pretrain": {"steps": 2000}, "grpo": {"lr": 1e-4},
-"eval": {"n_problems": 500}, "task": "addition3"}.
+Every command takes --seed, --backend (numpy | cupy | fakegpu), --threads, --debug and --config: a JSON file
+whose sections override the defaults, e.g. {"model": {"dim": 96}, "pretrain": {"steps": 2000}, "grpo": {"lr":
+1e-4}, "eval": {"n_problems": 500}, "task": "addition3"}. Everything is checked before any work starts: each flag,
+each section and field of --config (type, range, consistency), and, where a model comes from a checkpoint, that
+the --config model fields agree with it. An error prints one line, `minimoe: error: …`, and exits with status 2
+(--debug shows the traceback).
 """
 
 import argparse
+import contextlib
 import json
+import math
 import os
+import sys
 import time
 
-from . import backend
+from . import backend, distributed
 from .backend import numpy
 from .checkpoint import load_checkpoint
-from .evaluate import evaluate, sample_responses
+from .evaluate import check_evaluation, evaluate
+from .generate import sample_responses
+from .loop import RunFolder, RunFolderError
 from .model import ModelConfig, Transformer
-from .plots import plot_expert_load, plot_pretraining, plot_rl
 from .rl import GRPOConfig, train_grpo
-from .tasks import AdditionTask, CountdownTask, Problem, Tokenizer
-from .train import PretrainConfig, pretrain
+from .tasks import AdditionTask, CountdownTask, Problem, Tokenizer, build_corpus
+from .train import PretrainConfig, TrainingDiverged, pretrain
+from .validation import ConfigError
 
 TASKS = {"addition3": lambda: AdditionTask(3), "addition4": lambda: AdditionTask(4), "countdown": CountdownTask}
+SECTIONS = ("model", "pretrain", "grpo", "eval", "task")
 EVAL_DEFAULTS = {"n_problems": 200, "n_samples": 16, "k": 8, "temperature": 1.0, "max_new_tokens": 40}
 METRICS = [("accuracy", "greedy accuracy"), ("pass_at_1", "pass@1 (T=1)"), ("pass_at_k", "pass@{k}"),
            ("mean_length", "mean response length"), ("thinking_share", "thinking share")]
+# What the CLI reports as one line (exit status 2): a bad setting, a refused checkpoint, a file it cannot read or
+# write, a diverged run. Anything else is a bug, and keeps its traceback.
+ERRORS = (ValueError, OSError, TrainingDiverged, RunFolderError, backend.BackendUnavailableError)
+BACKENDS = ("numpy", "cupy", "fakegpu")
+RESUME_FIX = "--resume continues a run as it was started: give it the same --config and --seed, or start a new run"
+JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+              bool: "a boolean", type(None): "null"}
+
+
+def _unique_keys(pairs):
+    """json object_pairs_hook: a key given twice is a mistake, not an override."""
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ConfigError(f"key(s) {repeated} appear more than once in one object")
+    return dict(pairs)
 
 
 def _load_config(path):
-    config = {"model": {}, "pretrain": {}, "grpo": {}, "eval": {}, "task": "addition3"}
-    if path:
+    """The --config overrides, checked for shape: a JSON object whose keys are known sections, each section an
+    object (its fields are checked by `_setup`), "task" one of TASKS. Errors name the file (and line, column)."""
+    config = {"model": {}, "pretrain": {}, "grpo": {}, "eval": {}, "task": "addition3", "source": "--config"}
+    if not path:
+        return config
+    where = config["source"] = f"--config {path}"
+    try:
         with open(path) as file:
-            overrides = json.load(file)
-        unknown = set(overrides) - set(config)
-        if unknown:
-            raise SystemExit(f"--config {path}: unknown section(s) {sorted(unknown)}; known: {sorted(config)}")
-        for key, value in overrides.items():
-            config[key] = value if key == "task" else {**config[key], **value}
-    if config["task"] not in TASKS:
-        raise SystemExit(f"--config: unknown task {config['task']!r}; choose one of {sorted(TASKS)}")
+            overrides = json.load(file, object_pairs_hook=_unique_keys)
+    except OSError as error:
+        raise ConfigError(f"{where}: cannot read it ({error.strerror or error})") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{where}: not valid JSON at line {error.lineno}, column {error.colno}: {error.msg}") \
+            from None
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{where}: expected a JSON object of sections ({', '.join(SECTIONS)}), got "
+                          f"{JSON_TYPES[type(overrides)]}")
+    unknown = sorted(set(overrides) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {unknown}; the sections are {list(SECTIONS)}")
+    for key, value in overrides.items():
+        if key == "task":
+            if not isinstance(value, str) or value not in TASKS:
+                raise ConfigError(f'{where}: "task" must be one of {sorted(TASKS)}, got {value!r}')
+        elif not isinstance(value, dict):
+            raise ConfigError(f'{where}: section "{key}" must be an object of fields, got {json.dumps(value)}')
+        config[key] = value
     return config
 
 
+def _section(config, name, cls, **defaults):
+    """The validated dataclass of one --config section (defaults first, then the file's fields)."""
+    try:
+        return cls.from_dict({**defaults, **config[name]})
+    except ConfigError as error:
+        raise ConfigError(f'{config["source"]}, section "{name}": {error}') from None
+
+
 def _setup(args):
-    """Backend, seed and BLAS threads, then the task and the tokenizer."""
+    """Check everything, then do the cheap global setup. In order: the --config file and every section of it (so
+    a bad eval `k` stops the demo before pretraining, not after), then the backend, the BLAS threads and the seed.
+    Returns (config, task, tokenizer); config holds the validated "model_config" (for a new model),
+    "pretrain_config", "grpo_config" and "eval_settings", and the raw "model" overrides (to compare with a
+    model loaded from a checkpoint)."""
+    config = _load_config(args.config)
+    task, tokenizer = TASKS[config["task"]](), Tokenizer()
+    problems = []  # every bad section at once, not one per run
+    defaults = {"model": {"vocab_size": tokenizer.vocab_size}, "pretrain": {"seed": args.seed},
+                "grpo": {"seed": args.seed}}
+    for name, cls in (("model", ModelConfig), ("pretrain", PretrainConfig), ("grpo", GRPOConfig)):
+        try:
+            config[f"{name}_config"] = _section(config, name, cls, **defaults[name])
+        except ConfigError as error:
+            problems.append(str(error))
+    try:
+        config["eval_settings"] = _eval_settings(config, task)
+    except ConfigError as error:
+        problems.append(str(error))
+    if "model_config" in config and config["model_config"].vocab_size < tokenizer.vocab_size:
+        problems.append(f'{config["source"]}, section "model": vocab_size={config["model_config"].vocab_size} '
+                        f"is smaller than the tokenizer's {tokenizer.vocab_size} tokens")
+    if problems:
+        raise ConfigError("; ".join(problems))
     try:
         backend.set_backend(args.backend)
-    except backend.BackendUnavailableError as error:
-        raise SystemExit(f"--backend {args.backend}: {error}") from None
+    except (backend.BackendUnavailableError, ValueError) as error:
+        raise ConfigError(f"--backend {args.backend}: {error}") from None
     if args.threads:
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(args.threads, user_api="blas")  # after NumPy's import: limits bind loaded libraries
     backend.keep_freed_host_memory()  # a training loop reuses its temporaries: keep them instead of page-faulting
     backend.manual_seed(args.seed)
-    config = _load_config(args.config)
-    return config, TASKS[config["task"]](), Tokenizer()
+    return config, task, tokenizer
 
 
 def _eval_settings(config, task):
+    """The evaluation settings: EVAL_DEFAULTS (48 new tokens for 4-digit addition), then the eval section's,
+    checked (unknown keys, types, ranges, k ≤ n_samples)."""
+    unknown = sorted(set(config["eval"]) - set(EVAL_DEFAULTS))
+    if unknown:
+        raise ConfigError(f'{config["source"]}, section "eval": unknown field(s) {unknown}; known fields are '
+                          f"{sorted(EVAL_DEFAULTS)}")
     settings = {**EVAL_DEFAULTS, **config["eval"]}
     if isinstance(task, AdditionTask) and task.digits > 3 and "max_new_tokens" not in config["eval"]:
         settings["max_new_tokens"] = 48
+    check_evaluation(f'{config["source"]}, section "eval"', **settings)
     return settings
+
+
+def _refuse_differences(where, given, saved, what, fix):
+    """Refuse settings given now that disagree with those a checkpoint was saved with, naming only the fields
+    that differ."""
+    differing = [f"{name}={value!r} (saved: {saved.get(name)!r})" for name, value in given.items()
+                 if saved.get(name) != value]
+    if differing:
+        raise ConfigError(f"{where} was saved with a different {what}: {', '.join(differing)}; {fix}")
+
+
+def _load_model(path, config, tokenizer):
+    """A model from a checkpoint, after checking that the --config model fields (if any) describe it and that
+    the tokenizer fits its vocabulary."""
+    model, state = load_checkpoint(path, restore_random_state=False)
+    _refuse_differences(f"checkpoint {path}", config["model"], model.config.to_dict(), "model",
+                        'the checkpoint defines the model: drop these fields from the --config "model" section')
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"checkpoint {path}: vocab_size={model.config.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} tokens")
+    return model, state
+
+
+def _check_lengths(model_config, task, tokenizer, max_new_tokens, where):
+    """Prompt plus response must fit the model's context: found here, not after pretraining. (From a sample
+    of the task's prompts: a bound, not a proof; generate() still refuses a sequence that does not fit.)"""
+    problems = task.sample(numpy.random.default_rng(0), 64, split="test")
+    longest = max(len(tokenizer.encode("<bos>" + p.prompt)) for p in problems)
+    if longest + max_new_tokens > model_config.max_seq_len:
+        raise ConfigError(f"{where}: max_new_tokens={max_new_tokens} plus the task's prompts (up to {longest} "
+                          f"tokens) exceed the model's max_seq_len={model_config.max_seq_len}")
+
+
+def _check_corpus_length(model_config, task, tokenizer, pretrain_config, where):
+    """The pretraining texts must fit the model's context (the inputs are a text less its last token)."""
+    corpus = build_corpus(task, 256, numpy.random.default_rng(0), pretrain_config.mix)
+    longest = int(corpus.encode(tokenizer).lengths.max()) - 1
+    if longest > model_config.max_seq_len:
+        raise ConfigError(f"{where}: the task's pretraining texts reach {longest} input tokens (in a sample of 256), "
+                          f"more than the model's max_seq_len={model_config.max_seq_len}")
 
 
 def _table(before, after):
@@ -87,27 +207,70 @@ def _samples(model, task, tokenizer, n=6, seed=99):
             f"{p.reference}]" for p, text in zip(problems, texts)]
 
 
+@contextlib.contextmanager
+def _run_folder(args, out, *names, resume=False):
+    """Hold the run folder `out` (checked writable before any work) for the whole command. A folder that holds
+    a run already (one of the checkpoints `names`, or a demo's summary) is refused unless --resume continues it
+    or --overwrite replaces it; --resume needs a checkpoint to continue."""
+    if resume and args.overwrite:
+        raise SystemExit("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
+    try:
+        folder = RunFolder(out)
+        folder.acquire()
+    except RunFolderError as error:
+        raise SystemExit(f"--out: {error}") from None
+    try:
+        existing = folder.holds_run(*names)
+        if args.command == "demo" and os.path.exists(os.path.join(out, "summary.json")):
+            existing.append(os.path.join(out, "summary.json"))
+        if resume and not folder.holds_run(names[0]):
+            raise SystemExit(f"--resume: {out} holds no checkpoint {names[0]}.npz to continue")
+        if existing and not (resume or args.overwrite):
+            raise SystemExit(f"--out {out} already holds a run ({existing[0]}); continue it with --resume, replace "
+                             "it with --overwrite, or choose another --out")
+        yield folder
+    finally:
+        folder.release()
+
+
 def command_demo(args):
     started = time.perf_counter()
     config, task, tokenizer = _setup(args)
+    model_config, pretrain_config = config["model_config"], config["pretrain_config"]
+    grpo_config, evaluation = config["grpo_config"], config["eval_settings"]
+    for max_new_tokens, section in ((evaluation["max_new_tokens"], "eval"), (grpo_config.max_new_tokens, "grpo")):
+        _check_lengths(model_config, task, tokenizer, max_new_tokens, f'{config["source"]}, section "{section}"')
+    _check_corpus_length(model_config, task, tokenizer, pretrain_config, f'{config["source"]}, section "model"')
     out = args.out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
-    os.makedirs(out, exist_ok=True)
-    model_config = ModelConfig(**{"vocab_size": tokenizer.vocab_size, **config["model"]})
-    pretrain_config = PretrainConfig(**{"seed": args.seed, **config["pretrain"]})
-    grpo_config = GRPOConfig(**{"seed": args.seed, **config["grpo"]})
-    evaluation = _eval_settings(config, task)
+    with _run_folder(args, out, "pretrain_last", "rl_last", "rl_reference"):
+        try:
+            return _demo(args, started, config, task, tokenizer, out)
+        except KeyboardInterrupt:  # checkpoints are written whole or not at all (minimoe.checkpoint)
+            saved = [f for f in ("pretrain_last.npz", "rl_last.npz") if os.path.exists(os.path.join(out, f))]
+            print(f"demo interrupted; checkpoints written so far in {out}: {', '.join(saved) or 'none'}",
+                  file=sys.stderr)
+            raise SystemExit(130) from None
+
+
+def _demo(args, started, config, task, tokenizer, out):
+    from .plots import plot_expert_load, plot_pretraining, plot_rl
+
+    model_config, pretrain_config = config["model_config"], config["pretrain_config"]
+    grpo_config, evaluation = config["grpo_config"], config["eval_settings"]
     model = Transformer(model_config)
     counts = model.parameter_counts()
     print(f"minimoe demo: {counts['total']:,} parameters ({counts['activated']:,} active per token), "
           f"task {config['task']}, backend {args.backend}, seed {args.seed}, run folder {out}")
 
-    pretrain_history = pretrain(model, task, pretrain_config, tokenizer, out_dir=out, progress=not args.quiet)
+    pretrain_history = pretrain(model, task, pretrain_config, tokenizer, out_dir=out, progress=not args.quiet,
+                                overwrite=args.overwrite)
     print(f"pretrained {pretrain_config.steps} steps in {pretrain_history['seconds']:.0f} s, "
           f"final loss {pretrain_history['lm_loss'][-1]:.3f}; evaluating ...")
     before = evaluate(model, task, tokenizer, **evaluation)
     before_samples = _samples(model, task, tokenizer)
 
-    rl_history = train_grpo(model, task, grpo_config, tokenizer, out_dir=out, progress=not args.quiet)
+    rl_history = train_grpo(model, task, grpo_config, tokenizer, out_dir=out, progress=not args.quiet,
+                            overwrite=args.overwrite)
     print(f"GRPO {grpo_config.steps} steps in {rl_history['seconds']:.0f} s; evaluating ...")
     after = evaluate(model, task, tokenizer, **evaluation)
     after_samples = _samples(model, task, tokenizer)
@@ -135,37 +298,70 @@ def command_demo(args):
 def command_train(args):
     config, task, tokenizer = _setup(args)
     out = args.out or os.path.join("runs", time.strftime("train-%Y%m%d-%H%M%S"))
-    pretrain_config = PretrainConfig(**{"seed": args.seed, **config["pretrain"]})
-    resume = os.path.join(out, "pretrain_last") if args.resume else None
-    model = load_checkpoint(resume, restore_random_state=False)[0] if resume else \
-        Transformer(ModelConfig(**{"vocab_size": tokenizer.vocab_size, **config["model"]}))
-    history = pretrain(model, task, pretrain_config, tokenizer, out_dir=out, resume_from=resume,
-                       progress=not args.quiet)
-    plot_pretraining(history, os.path.join(out, "pretraining.png"))
-    print(f"final loss {history['lm_loss'][-1]:.3f}; checkpoint {os.path.join(out, 'pretrain_last')}")
+    pretrain_config = config["pretrain_config"]
+    checkpoint = os.path.join(out, "pretrain_last")
+    comm = distributed.world()  # under `mpiexec -n W`: data + expert parallel over W processes
+    # rank 0 owns the run folder (and writes the one checkpoint); an error on any rank aborts the whole job
+    folder = _run_folder(args, out, "pretrain_last", resume=args.resume) if comm.rank == 0 else contextlib.nullcontext()
+    with distributed.abort_on_error(comm), folder:
+        resume = checkpoint if args.resume else None
+        if resume:
+            model, state = _load_model(resume, config, tokenizer)
+            _refuse_differences(f"the run in {out}", pretrain_config.to_dict(), state.get("config", {}),
+                                'pretrain section', RESUME_FIX)
+        elif args.checkpoint:  # a new run that starts from these weights (and a fresh optimizer)
+            model = _load_model(args.checkpoint, config, tokenizer)[0]
+        else:
+            model = Transformer(config["model_config"])
+        _check_corpus_length(model.config, task, tokenizer, pretrain_config, f'{config["source"]}, section "model"')
+        try:
+            if comm.size == 1:
+                history = pretrain(model, task, pretrain_config, tokenizer, out_dir=out, resume_from=resume,
+                                   progress=not args.quiet, overwrite=args.overwrite)
+            else:
+                history = distributed.pretrain(model, task, pretrain_config, tokenizer, out_dir=out,
+                                               resume_from=resume, progress=not args.quiet, comm=comm)
+        except KeyboardInterrupt:  # the loop has said where its last checkpoint is
+            raise SystemExit(130) from None
+        if comm.rank:
+            return
+        from .plots import plot_pretraining
+
+        plot_pretraining(history, os.path.join(out, "pretraining.png"))
+    print(f"final loss {history['lm_loss'][-1]:.3f}; checkpoint {checkpoint}.npz")
 
 
 def command_rl(args):
     config, task, tokenizer = _setup(args)
-    if not args.checkpoint:
-        raise SystemExit("rl: --checkpoint (a pretrained model) is required")
     out = args.out or os.path.join("runs", time.strftime("rl-%Y%m%d-%H%M%S"))
-    model = load_checkpoint(args.checkpoint, restore_random_state=False)[0]
-    grpo_config = GRPOConfig(**{"seed": args.seed, **config["grpo"]})
-    resume = os.path.join(out, "rl_last") if args.resume else None
-    history = train_grpo(model, task, grpo_config, tokenizer, out_dir=out, resume_from=resume,
-                         progress=not args.quiet)
-    plot_rl(history, os.path.join(out, "grpo.png"))
-    plot_expert_load({"GRPO": history}, os.path.join(out, "expert_load.png"))
-    print(f"final batch accuracy {history['steps'][-1]['accuracy']:.3f}; checkpoint {os.path.join(out, 'rl_last')}")
+    model = _load_model(args.checkpoint, config, tokenizer)[0]
+    grpo_config = config["grpo_config"]
+    _check_lengths(model.config, task, tokenizer, grpo_config.max_new_tokens, f'{config["source"]}, section "grpo"')
+    checkpoint = os.path.join(out, "rl_last")
+    with _run_folder(args, out, "rl_last", "rl_reference", resume=args.resume):
+        resume = checkpoint if args.resume else None
+        if resume:
+            _refuse_differences(f"the run in {out}", grpo_config.to_dict(),
+                                load_checkpoint(resume, restore_random_state=False)[1].get("config", {}),
+                                "grpo section", RESUME_FIX)
+        try:
+            history = train_grpo(model, task, grpo_config, tokenizer, out_dir=out, resume_from=resume,
+                                 progress=not args.quiet, overwrite=args.overwrite)
+        except KeyboardInterrupt:  # the loop has said where its last checkpoint is
+            raise SystemExit(130) from None
+        from .plots import plot_expert_load, plot_rl
+
+        plot_rl(history, os.path.join(out, "grpo.png"))
+        plot_expert_load({"GRPO": history}, os.path.join(out, "expert_load.png"))
+    print(f"final batch accuracy {history['steps'][-1]['accuracy']:.3f}; checkpoint {checkpoint}.npz")
 
 
 def command_eval(args):
     config, task, tokenizer = _setup(args)
-    if not args.checkpoint:
-        raise SystemExit("eval: --checkpoint is required")
-    model = load_checkpoint(args.checkpoint, restore_random_state=False)[0]
-    result = evaluate(model, task, tokenizer, **_eval_settings(config, task))
+    model = _load_model(args.checkpoint, config, tokenizer)[0]
+    settings = config["eval_settings"]
+    _check_lengths(model.config, task, tokenizer, settings["max_new_tokens"], f'{config["source"]}, section "eval"')
+    result = evaluate(model, task, tokenizer, **settings)
     print(json.dumps(result, indent=1))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -175,15 +371,16 @@ def command_eval(args):
 
 def command_generate(args):
     config, task, tokenizer = _setup(args)
-    if not args.checkpoint or not args.prompt:
-        raise SystemExit("generate: --checkpoint and --prompt are required")
-    model = load_checkpoint(args.checkpoint, restore_random_state=False)[0]
-    problem = Problem(prompt=args.prompt, reference="", task=config["task"], operands=(), target=None)
+    if not args.prompt:
+        raise ConfigError("--prompt: give the text to continue, e.g. --prompt 347+589=")
     try:
-        responses = sample_responses(model, [problem], tokenizer, args.n, _eval_settings(config, task)["max_new_tokens"],
-                                     temperature=args.temperature, greedy=args.temperature == 0)
+        tokenizer.encode(args.prompt)
     except ValueError as error:
-        raise SystemExit(f"generate: {error}") from None
+        raise ConfigError(f"--prompt {args.prompt!r}: {error}") from None
+    model = _load_model(args.checkpoint, config, tokenizer)[0]
+    problem = Problem(prompt=args.prompt, reference="", task=config["task"], operands=(), target=None)
+    responses = sample_responses(model, [problem], tokenizer, args.n, config["eval_settings"]["max_new_tokens"],
+                                 temperature=args.temperature or 1.0, greedy=args.temperature == 0)
     for text in responses.texts:
         print(f"{args.prompt}{text}")
 
@@ -192,27 +389,73 @@ COMMANDS = {"demo": command_demo, "train": command_train, "rl": command_rl, "eva
             "generate": command_generate}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m minimoe", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=sorted(COMMANDS))
-    parser.add_argument("--config", help="JSON file of overrides: sections model, pretrain, grpo, eval, task")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", default=os.environ.get("MINIMOE_BACKEND", "numpy"),
-                        choices=["numpy", "cupy", "fakegpu"])
-    parser.add_argument("--out", help="run folder (checkpoints, plots, summary)")
-    parser.add_argument("--checkpoint", help="a checkpoint path (without .npz/.json) for rl, eval, generate")
-    parser.add_argument("--resume", action="store_true", help="train/rl: continue the run in --out")
-    parser.add_argument("--prompt", help="generate: the prompt, e.g. 347+589=")
-    parser.add_argument("--n", type=int, default=4, help="generate: number of samples")
-    parser.add_argument("--temperature", type=float, default=1.0, help="generate: 0 for greedy")
-    parser.add_argument("--threads", type=int, default=1,
+def _number(kind, minimum):
+    """An argparse type: an int (or a finite float) ≥ minimum, refused with a message naming the value."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} must be ≥ {minimum}")
+        return value
+    return parse
+
+
+def build_parser():
+    """One sub-command each, with only the flags it uses: a flag a command would ignore is an error."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="JSON file of overrides: sections model, pretrain, grpo, eval, task")
+    common.add_argument("--seed", type=_number(int, 0), default=0, help="seed of every random generator (≥ 0)")
+    common.add_argument("--backend", default=os.environ.get("MINIMOE_BACKEND", "numpy"), choices=BACKENDS)
+    common.add_argument("--threads", type=_number(int, 0), default=1,
                         help="BLAS threads (default 1: this model's matrices are too small to share, and a second "
                              "thread spin-waits on a busy core; 0 leaves the BLAS library's own setting)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    return COMMANDS[args.command](args)
+    common.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    parser = argparse.ArgumentParser(prog="python -m minimoe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    helps = {"demo": "pretrain, evaluate, GRPO, evaluate: plots and a summary", "train": "pretrain a model",
+             "rl": "improve a pretrained model with GRPO", "eval": "measure a checkpoint",
+             "generate": "sample continuations of a prompt"}
+    sub = {name: commands.add_parser(name, parents=[common], help=helps[name], description=helps[name])
+           for name in COMMANDS}
+    for name in ("demo", "train", "rl"):
+        sub[name].add_argument("--out", help="run folder (checkpoints, plots, summary)")
+        sub[name].add_argument("--quiet", action="store_true", help="no progress bars")
+        sub[name].add_argument("--overwrite", action="store_true",
+                               help="replace the run that --out holds (refused without it)")
+        sub[name].set_defaults(resume=False, checkpoint=None)  # shared code may read them on any training command
+    for name in ("train", "rl"):
+        sub[name].add_argument("--resume", action="store_true", help="continue the run in --out")
+    sub["train"].add_argument("--checkpoint", help="start a new run from this checkpoint's weights (a fresh "
+                                                   "optimizer and schedule); not with --resume")
+    for name in ("rl", "eval", "generate"):
+        sub[name].add_argument("--checkpoint", required=True,
+                               help="a checkpoint path" + (" (a pretrained model)" * (name == "rl")))
+    sub["eval"].add_argument("--out", help="folder for eval.json")
+    sub["generate"].add_argument("--prompt", required=True, help="the prompt, e.g. 347+589=")
+    sub["generate"].add_argument("--n", type=_number(int, 1), default=4, help="number of samples (≥ 1)")
+    sub["generate"].add_argument("--temperature", type=_number(float, 0), default=1.0, help="0 for greedy")
+    return parser
 
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train" and args.resume and args.checkpoint:
+        parser.error("train: --checkpoint starts a new run from a model, --resume continues the run in --out; "
+                     "give one of them")
+    try:
+        return COMMANDS[args.command](args)
+    except (*ERRORS, SystemExit) as error:  # SystemExit("message"): a command that stops with a message
+        message = error.code if isinstance(error, SystemExit) else str(error) or type(error).__name__
+        if args.debug or not isinstance(message, str):  # SystemExit(130) and the like pass through
+            raise
+        print(f"minimoe: error: {' '.join(message.splitlines())}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 if __name__ == "__main__":
     main()

@@ -31,7 +31,7 @@ import itertools
 import math
 
 from .autograd import Function, ShapeError, Tensor, sum_to
-from .backend import backend_of, device_rng, get_array_module
+from .backend import backend_of, check_index_range, device_rng, get_array_module
 
 __all__ = [
     "add", "sub", "mul", "div", "neg", "pow", "maximum", "minimum", "clip", "exp", "log", "sqrt", "tanh", "cast",
@@ -230,7 +230,7 @@ class Maximum(Function):
 
     def backward(self, g):
         a, b = self.saved
-        share_a = (a > b) + 0.5 * (a == b)
+        share_a = (a > b) + (a == b) * g.dtype.type(0.5)  # in g's dtype: a Python 0.5 would make it float64
         return g * share_a, g * (1 - share_a)
 
 
@@ -247,7 +247,7 @@ class Minimum(Function):
 
     def backward(self, g):
         a, b = self.saved
-        share_a = (a < b) + 0.5 * (a == b)
+        share_a = (a < b) + (a == b) * g.dtype.type(0.5)  # in g's dtype: a Python 0.5 would make it float64
         return g * share_a, g * (1 - share_a)
 
 
@@ -350,6 +350,8 @@ def tanh(x):
 class Cast(Function):
     """y = x as another dtype;   dL/dx = g cast back to x's dtype."""
 
+    changes_dtype = True
+
     def __init__(self, dtype):
         self.dtype = dtype
 
@@ -438,7 +440,8 @@ class Max(Reduction):
     def backward(self, g):
         x, y = self.saved
         is_max = x == y
-        return self.expand(g) * is_max / is_max.sum(axis=self.axes, keepdims=True)
+        ties = is_max.sum(axis=self.axes, keepdims=True, dtype=g.dtype)  # in g's dtype: an integer count upcasts
+        return self.expand(g) * is_max / ties
 
 
 def max(x, axis=None, keepdims=False):
@@ -582,6 +585,8 @@ class GetItem(Function):
         self.index = index
 
     def forward(self, x):
+        if _is_row_index(self.index):
+            check_index_range(self.index, x.shape[0], "getitem", allow_negative=True)
         self.save(x.shape, x.dtype)
         return x[self.index]
 
@@ -634,6 +639,7 @@ class TakeAlongAxis(Function):
         if self.indices.ndim != x.ndim:
             raise ShapeError(f"take_along_axis: indices of shape {self.indices.shape} need as many dimensions as "
                              f"the input of shape {x.shape}")
+        check_index_range(self.indices, x.shape[self.axis], "take_along_axis", allow_negative=True)
         self.save(x.shape, x.dtype)
         return get_array_module(x).take_along_axis(x, self.indices, axis=self.axis)
 
@@ -670,6 +676,7 @@ class IndexAdd(Function):
         if source.shape[1:] != x.shape[1:] or source.shape[0] != self.index.shape[0]:
             raise ShapeError(f"index_add: source {source.shape} must be (len(index)={self.index.shape[0]},) + "
                              f"{x.shape[1:]} to add into {x.shape}")
+        check_index_range(self.index, x.shape[0], "index_add", allow_negative=True)
         return x + backend_of(x).scatter_sum(source, self.index, x.shape[0])
 
     def backward(self, g):
@@ -1120,10 +1127,7 @@ class CrossEntropy(Function):
                              f"{logits.shape} without the class axis, i.e. {logits.shape[:-1]}")
         valid = targets != self.ignore_index
         safe_targets = xp.where(valid, targets, 0)
-        if targets.size and ((safe_targets < 0) | (safe_targets >= classes)).any():
-            bad = targets[(safe_targets < 0) | (safe_targets >= classes)]
-            raise IndexError(f"cross_entropy: target {int(bad[0])} is outside the {classes} classes [0, {classes}) "
-                             f"and is not ignore_index={self.ignore_index}")
+        check_index_range(safe_targets, classes, f"cross_entropy (targets ≠ ignore_index={self.ignore_index})")
         picked = xp.take_along_axis(logits, safe_targets[..., None], axis=-1)  # (..., 1) the target's logit
         probabilities, total, m = shifted_exp(logits)  # (..., C), (..., 1), (..., 1)
         probabilities /= total
@@ -1171,9 +1175,7 @@ class Embedding(Function):
         vocabulary = weight.shape[0]
         if self.ids.dtype.kind not in "iu":
             raise TypeError(f"embedding: ids must be integers, got {self.ids.dtype}")
-        if self.ids.size and (int(self.ids.min()) < 0 or int(self.ids.max()) >= vocabulary):
-            raise IndexError(f"embedding: ids range over [{int(self.ids.min())}, {int(self.ids.max())}] but the "
-                             f"table has {vocabulary} rows [0, {vocabulary})")
+        check_index_range(self.ids, vocabulary, f"embedding (a table of {vocabulary} rows)")
         self.save(weight.shape)
         return weight[self.ids]
 

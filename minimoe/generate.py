@@ -1,4 +1,5 @@
-"""Sampling text from the model: batched, with temperature, top-k and top-p, and a key/value cache.
+"""Sampling text from the model: batched, with temperature, top-k and top-p, and a key/value cache; and
+`sample_responses`, which answers a list of problems n times each (the rollouts of RL, the samples of evaluation).
 
 Generation is a loop over positions, not over sequences: every step feeds the newest token of all B sequences
 at once. With the cache each step costs one token's worth of compute — the prefix's keys and values are kept,
@@ -8,11 +9,16 @@ are replaced by PAD and not counted.
 
 from dataclasses import dataclass
 
-from .autograd import Tensor, no_grad
-from .backend import backend_of, device_rng, get_array_module
-from .functional import shifted_exp
+import numpy as np
 
-__all__ = ["Generation", "generate", "sample_next", "filter_logits"]
+from .autograd import Tensor, no_grad
+from .backend import backend_of, device_rng, get_array_module, get_backend
+from .functional import shifted_exp
+from .tasks import Tokenizer
+from .validation import Checks, is_real
+
+__all__ = ["Generation", "generate", "sample_next", "filter_logits", "check_sampling", "Responses",
+           "sample_responses"]
 
 
 @dataclass
@@ -58,14 +64,27 @@ def _softmax(logits):
     return e / total
 
 
+def check_sampling(who, temperature=1.0, top_k=None, top_p=None, greedy=False, max_new_tokens=0):
+    """Refuse sampling settings that cannot work (a NaN or negative temperature, top_k < 1, top_p outside
+    (0, 1], a negative or fractional max_new_tokens) before any token is drawn."""
+    check = Checks(who, {"temperature": temperature, "top_k": top_k, "top_p": top_p, "greedy": greedy,
+                         "max_new_tokens": max_new_tokens})
+    if check.flag("greedy") and not greedy and not (is_real(temperature) and temperature > 0):
+        check.fail("temperature", f"temperature={temperature!r} must be a finite number > 0 (use greedy=True for "
+                                  "argmax)")
+    check.integer("top_k", minimum=1, optional=True)
+    check.real("top_p", above=0, maximum=1, optional=True)
+    check.integer("max_new_tokens", minimum=0)
+    check.done()
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
     """One token id per row of logits (B, V): argmax when greedy, else a draw from softmax(logits / T)
     restricted by top_k / top_p (inverse-CDF sampling with one uniform number per row)."""
+    check_sampling("sample_next", temperature, top_k, top_p, greedy)
     xp = get_array_module(logits)
     if greedy:
         return logits.argmax(axis=-1)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
     probabilities = _softmax(filter_logits(logits / temperature, top_k, top_p))
     cdf = xp.cumsum(probabilities, axis=-1)  # (B, V)
     generator = generator or device_rng(backend_of(logits))
@@ -80,6 +99,7 @@ def generate(model, prompt_ids, max_new_tokens, eos_id, pad_id, temperature=1.0,
     to `max_new_tokens` tokens. Runs in eval mode (no dropout, deterministic routing) and restores the mode.
 
     Stopping early when every sequence has finished costs one boolean read from the device per step."""
+    check_sampling("generate", temperature, top_k, top_p, greedy, max_new_tokens)
     prompt_ids = prompt_ids.data if isinstance(prompt_ids, Tensor) else prompt_ids
     xp = get_array_module(prompt_ids)
     batch, prompt_length = prompt_ids.shape
@@ -112,3 +132,66 @@ def generate(model, prompt_ids, max_new_tokens, eos_id, pad_id, temperature=1.0,
             logits = model(tokens[:, :position]).data[:, -1]
     model.train(was_training)
     return Generation(tokens, tokens[:, prompt_length:], lengths, finished)
+
+
+# ==============================================================================================================
+# answering problems
+# ==============================================================================================================
+
+@dataclass
+class Responses:
+    """Sampled responses to a list of problems, each problem repeated n_per_problem times (rows are grouped:
+    problem 0's samples first).
+
+    problems        -- the Problem of each row
+    texts           -- decoded response texts (host), "<eos>" included where the model stopped
+    lengths         -- (B,) host int array: response tokens up to and including EOS
+    tokens          -- (B, L) backend array: prompt, response, then PAD (every row padded to the same L)
+    response_mask   -- (B, L-1) backend bool array: positions t whose *next* token t+1 is a response token
+                       up to and including EOS (the tokens a policy-gradient loss is about)
+    """
+
+    problems: list
+    texts: list
+    lengths: object
+    tokens: object
+    response_mask: object
+
+
+def _by_prompt_length(prompt_ids):
+    """Indices of the prompts grouped by length: generate() batches prompts of equal length."""
+    groups = {}
+    for i, ids in enumerate(prompt_ids):
+        groups.setdefault(len(ids), []).append(i)
+    return groups
+
+
+@no_grad()
+def sample_responses(model, problems, tokenizer=None, n_per_problem=1, max_new_tokens=40, temperature=1.0,
+                     top_k=None, top_p=None, greedy=False, generator=None):
+    """Generate `n_per_problem` responses to every problem in one batched pass per prompt length."""
+    tokenizer = tokenizer or Tokenizer()
+    backend = get_backend()
+    xp = backend.xp
+    rows = [p for p in problems for _ in range(n_per_problem)]
+    prompt_ids = [tokenizer.encode("<bos>" + p.prompt) for p in rows]
+    longest_prompt = max(len(ids) for ids in prompt_ids)
+    width = longest_prompt + max_new_tokens
+    tokens = xp.full((len(rows), width), tokenizer.pad_id, dtype="int64")
+    response_mask = xp.zeros((len(rows), width - 1), dtype=bool)
+    lengths = np.zeros(len(rows), dtype=np.int64)
+    texts = [None] * len(rows)
+    for prompt_length, indices in _by_prompt_length(prompt_ids).items():
+        batch = backend.asarray(np.array([prompt_ids[i] for i in indices]))
+        out = generate(model, batch, max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                       temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator)
+        index = backend.asarray(np.array(indices))
+        tokens[index, :prompt_length + max_new_tokens] = out.tokens
+        positions = xp.arange(width - 1)  # the position that predicts token t + 1
+        response_mask[index] = (positions >= prompt_length - 1) & (positions < prompt_length - 1 + out.lengths[:, None])
+        host_lengths = backend.to_numpy(out.lengths)
+        host_responses = backend.to_numpy(out.responses)
+        lengths[indices] = host_lengths
+        for row, response, length in zip(indices, host_responses, host_lengths):
+            texts[row] = tokenizer.decode(response[:length].tolist())
+    return Responses(rows, texts, lengths, tokens, response_mask)

@@ -10,19 +10,19 @@ reference `Transformer`, whose parameter names we keep (`embed`, `layers.{i}.att
 `norm`, `head`). V3 keeps its first few layers dense (`n_dense_layers`); so can we.
 """
 
-import dataclasses
 import json
 from dataclasses import dataclass
 
 from .autograd import Tensor
 from .backend import backend_of
 from .nn import MHA, MLA, MLP, Dropout, Embedding, Linear, Module, ModuleList, MoE, RMSNorm
+from .validation import Checks, Config
 
 __all__ = ["ModelConfig", "Block", "Transformer"]
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Config):
     """Everything that defines a model's shape. The defaults are the demo's tiny model (~0.26M parameters).
 
     Load balancing: each method is switched on by its coefficient (0 = off), so they can be combined:
@@ -64,53 +64,53 @@ class ModelConfig:
     z_loss_coef: float = 0.0
     capacity_factor: float = None  # None: dropless
 
-    def __post_init__(self):
-        self.validate()
-
     def validate(self):
-        """Raise a ValueError naming every field that cannot work."""
-        problems = []
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name}={getattr(self, name)} must be ≥ 1")
-        if self.attention not in ("mha", "mla"):
-            problems.append(f"attention={self.attention!r} must be 'mha' or 'mla'")
-        if self.attention == "mha" and self.n_heads and self.dim % self.n_heads:
-            problems.append(f"n_heads={self.n_heads} must divide dim={self.dim}")
-        if self.attention == "mla" and self.qk_rope_head_dim % 2:
-            problems.append(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE rotates pairs)")
-        if self.ffn not in ("dense", "moe"):
-            problems.append(f"ffn={self.ffn!r} must be 'dense' or 'moe'")
-        if self.ffn == "moe":
-            if not 1 <= self.n_activated_experts <= self.n_routed_experts:
-                problems.append(f"n_activated_experts={self.n_activated_experts} (top-k) must be between 1 and "
-                                f"n_routed_experts={self.n_routed_experts}")
-            if self.n_expert_groups < 1 or self.n_routed_experts % self.n_expert_groups:
-                problems.append(f"n_expert_groups={self.n_expert_groups} must divide n_routed_experts="
-                                f"{self.n_routed_experts}")
-            if not 1 <= self.n_limited_groups <= self.n_expert_groups:
-                problems.append(f"n_limited_groups={self.n_limited_groups} must be between 1 and "
-                                f"n_expert_groups={self.n_expert_groups}")
-            if self.score_func not in ("softmax", "sigmoid"):
-                problems.append(f"score_func={self.score_func!r} must be 'softmax' or 'sigmoid'")
-        if not 0 <= self.n_dense_layers <= self.n_layers:
-            problems.append(f"n_dense_layers={self.n_dense_layers} must be between 0 and n_layers={self.n_layers}")
-        if not 0 <= self.dropout < 1:
-            problems.append(f"dropout={self.dropout} must be in [0, 1)")
-        if problems:
-            raise ValueError("ModelConfig: " + "; ".join(problems))
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values):
-        """Build from a dict (e.g. a checkpoint's JSON), refusing unknown keys."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"ModelConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**values)
+        """Raise a ConfigError naming every field that cannot work (its type, its range, or a disagreement)."""
+        c, check = self, Checks("ModelConfig", self)
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "kv_lora_rank", "v_head_dim",
+                     "inter_dim", "n_routed_experts", "n_activated_experts", "moe_inter_dim", "n_expert_groups",
+                     "n_limited_groups"):
+            check.integer(name, minimum=1)
+        for name in ("q_lora_rank", "qk_nope_head_dim", "n_dense_layers", "n_shared_experts"):
+            check.integer(name, minimum=0)
+        check.integer("qk_rope_head_dim", minimum=2)
+        check.real("dropout", minimum=0, below=1)
+        check.real("rope_theta", above=0)
+        check.real("route_scale", above=0)
+        for name in ("gate_noise_std", "bias_update_speed", "aux_loss_alpha", "seq_aux_alpha", "z_loss_coef"):
+            check.real(name, minimum=0)
+        check.real("capacity_factor", above=0, optional=True)
+        check.flag("mla_absorb")
+        check.choice("attention", ("mha", "mla"))
+        check.choice("ffn", ("dense", "moe"))
+        check.choice("score_func", ("softmax", "sigmoid"))
+        if c.attention == "mha" and check.ok("dim", "n_heads"):
+            if c.dim % c.n_heads:
+                check.fail("n_heads", f"n_heads={c.n_heads} must divide dim={c.dim}")
+            elif c.dim // c.n_heads % 2:
+                check.fail("n_heads", f"the head size dim / n_heads = {c.dim // c.n_heads} must be even "
+                                      "(RoPE rotates pairs)")
+        if c.attention == "mla" and check.ok("qk_rope_head_dim") and c.qk_rope_head_dim % 2:
+            check.fail("qk_rope_head_dim", f"qk_rope_head_dim={c.qk_rope_head_dim} must be even (RoPE rotates pairs)")
+        if check.ok("n_layers", "n_dense_layers") and c.n_dense_layers > c.n_layers:
+            check.fail("n_dense_layers", f"n_dense_layers={c.n_dense_layers} must be between 0 and "
+                                         f"n_layers={c.n_layers}")
+        groups = ("n_routed_experts", "n_activated_experts", "n_expert_groups", "n_limited_groups")
+        if c.ffn == "moe" and check.ok(*groups):
+            if c.n_activated_experts > c.n_routed_experts:
+                check.fail("n_activated_experts", f"n_activated_experts={c.n_activated_experts} (top-k) must be "
+                                                  f"between 1 and n_routed_experts={c.n_routed_experts}")
+            elif c.n_routed_experts % c.n_expert_groups:
+                check.fail("n_expert_groups", f"n_expert_groups={c.n_expert_groups} must divide "
+                                              f"n_routed_experts={c.n_routed_experts}")
+            elif c.n_limited_groups > c.n_expert_groups:
+                check.fail("n_limited_groups", f"n_limited_groups={c.n_limited_groups} must be between 1 and "
+                                               f"n_expert_groups={c.n_expert_groups}")
+            elif c.n_activated_experts > c.n_limited_groups * (c.n_routed_experts // c.n_expert_groups):
+                check.fail("n_activated_experts", f"n_activated_experts={c.n_activated_experts} experts cannot "
+                                                  f"be found in n_limited_groups={c.n_limited_groups} groups of "
+                                                  f"{c.n_routed_experts // c.n_expert_groups} experts")
+        check.done()
 
     def to_json(self):
         return json.dumps(self.to_dict(), indent=2)
@@ -156,6 +156,7 @@ class Transformer(Module):
 
     def __init__(self, config):
         super().__init__()
+        config.validate()  # again: a field may have been changed since the config was built
         self.config = config
         self.embed = Embedding(config.vocab_size, config.dim)
         self.layers = ModuleList([Block(i, config) for i in range(config.n_layers)])

@@ -25,23 +25,22 @@ With one gradient step per batch (μ = 1), π_old = π_θ, so ρ = 1 exactly and
 gradient is not: ∇ρ = ρ ∇log π_θ. Groups whose rewards are all equal have A = 0 and teach nothing.
 """
 
-import dataclasses
 import os
-import time
 from dataclasses import dataclass
-
-from tqdm.auto import tqdm
 
 from . import functional as F
 from .autograd import no_grad
-from .backend import get_array_module, get_backend, numpy
-from .checkpoint import load_checkpoint, save_checkpoint
-from .evaluate import sample_responses, score_responses
+from .backend import get_array_module, get_backend
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_digest
+from .evaluate import score_responses
+from .generate import sample_responses
+from .loop import TrainingRun, optimizer_step
 from .optim import AdamW, WarmupCosine
 from .tasks import Tokenizer
-from .train import check_finite, optimizer_step
+from .validation import Checks, Config
 
-__all__ = ["GRPOConfig", "train_grpo", "group_advantages", "token_logprobs", "policy_loss", "policy_entropy",
+__all__ = ["GRPOConfig", "train_grpo", "rollout", "compute_rewards", "policy_update", "record_step",
+           "reference_policy", "group_advantages", "token_logprobs", "policy_loss", "policy_entropy",
            "LOSS_TYPES", "SCALE_REWARDS"]
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "reinforce")
@@ -149,11 +148,12 @@ def policy_entropy(logits, mask):
 # ==============================================================================================================
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(Config):
     """GRPO settings; the defaults are the demo's (16 prompts × 8 responses per step, ~0.3 s a step on 2 cores).
 
     The learning rate decays along a cosine: late in training almost every group scores the same, and a constant
-    rate lets a few noisy updates knock a good policy off its peak."""
+    rate lets a few noisy updates knock a good policy off its peak. checkpoint_every: 0 saves only after the last
+    step (with an out_dir)."""
 
     steps: int = 150
     prompts_per_step: int = 16
@@ -177,129 +177,165 @@ class GRPOConfig:
     checkpoint_every: int = 50
     seed: int = 0
 
-    def __post_init__(self):
-        problems = []
-        if self.loss_type not in LOSS_TYPES:
-            problems.append(f"loss_type={self.loss_type!r} must be one of {LOSS_TYPES}")
-        if self.scale_rewards not in SCALE_REWARDS:
-            problems.append(f"scale_rewards={self.scale_rewards!r} must be one of {SCALE_REWARDS}")
-        if self.group_size < 2:
-            problems.append(f"group_size={self.group_size} must be ≥ 2: the group is its own baseline")
-        if self.mu < 1:
-            problems.append(f"mu={self.mu} must be ≥ 1")
-        if self.beta < 0 or self.epsilon < 0:
-            problems.append(f"beta={self.beta} and epsilon={self.epsilon} must be ≥ 0")
-        if problems:
-            raise ValueError("GRPOConfig: " + "; ".join(problems))
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-
-def _frozen_copy(model):
-    """A copy of the model's current weights that never trains: the reference policy π_ref."""
-    from .model import Transformer
-
-    reference = Transformer(model.config)
-    reference.load_state_dict(model.state_dict())  # copies: the arrays are the model's, load_state_dict copies them
-    return reference.eval()
+    def validate(self):
+        """Raise a ConfigError naming every field that cannot work."""
+        check = Checks("GRPOConfig", self)
+        for name in ("steps", "prompts_per_step", "max_new_tokens"):
+            check.integer(name, minimum=1)
+        check.integer("group_size", minimum=2)  # the group is its own baseline: one response has nothing to beat
+        check.integer("mu", minimum=1)
+        for name in ("warmup_steps", "checkpoint_every", "seed"):
+            check.integer(name, minimum=0)
+        check.real("lr", above=0)
+        check.real("temperature", above=0)
+        check.real("grad_clip", above=0)
+        for name in ("min_lr", "weight_decay", "beta", "accuracy_weight", "format_weight"):
+            check.real(name, minimum=0)
+        check.real("epsilon", minimum=0, below=1)  # the ratio is clipped below at 1 - epsilon > 0
+        check.real("epsilon_high", minimum=0, optional=True)
+        check.choice("loss_type", LOSS_TYPES)
+        check.choice("scale_rewards", SCALE_REWARDS)
+        check.flag("log_kl")
+        if check.ok("lr", "min_lr") and self.min_lr > self.lr:
+            check.fail("min_lr", f"min_lr={self.min_lr} must be ≤ lr={self.lr} (the schedule decays towards it)")
+        if check.ok("steps", "mu", "warmup_steps") and self.warmup_steps > self.steps * self.mu:
+            check.fail("warmup_steps", f"warmup_steps={self.warmup_steps} must be ≤ steps × mu = "
+                                       f"{self.steps * self.mu} (the optimizer steps of the run)")
+        check.done()
 
 
 def train_grpo(model, task, config=None, tokenizer=None, out_dir=None, resume_from=None, progress=True,
-               on_step=None):
+               on_step=None, overwrite=False):
     """Improve `model` on `task` with GRPO (or a variant: config.loss_type). Returns the history:
     {"steps": [one record per step: rewards, accuracy, lengths, thinking share, KL, clipping, entropy, grad norm,
     expert load, router entropy], "seconds": wall time}.
+
+    Each step is the loop body of DeepSeekMath's GRPO algorithm box (Algorithm 1), with π_old = π_θ at sampling:
+        sample a batch of prompts, and G outputs for each from π_θ     rollout
+        compute the rewards r_i of each output                         compute_rewards
+        compute the advantages Â_i of each output's tokens             group_advantages
+        update π_θ by maximising the GRPO objective (μ times)          policy_update
+    then the step's measurements are recorded (record_step) and a checkpoint saved on schedule.
+
+    out_dir / resume_from / overwrite -- as in minimoe.train.pretrain; the checkpoint is `rl_last.npz` and the
+    reference policy `rl_reference.npz`, both in the run folder (a resumed run finds its reference beside
+    the checkpoint it resumes from, and checks that it is the same one).
 
     RL runs the model in eval mode throughout — no dropout, no noisy routing, no token dropping — so the policy
     that samples is exactly the policy being trained; gradients flow in eval mode all the same. The MoE routing
     bias (auxiliary-loss-free balancing) is updated once after each step, never within one."""
     config = config or GRPOConfig()
     tokenizer = tokenizer or Tokenizer()
-    backend = get_backend()
     optimizer = AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = WarmupCosine(optimizer, config.warmup_steps, config.steps * config.mu, min_lr=config.min_lr)
-    data_rng = numpy.random.default_rng(config.seed)
-    history = {"steps": [], "seconds": 0.0}
-    start_step = 0
-    reference_path = os.path.join(out_dir, "rl_reference") if out_dir else None
-    if resume_from is not None:
-        _, state = load_checkpoint(resume_from, model, optimizer, scheduler)
-        if state.get("config") != config.to_dict():
-            raise ValueError(f"train_grpo: cannot resume from {resume_from!r}: it was saved with a different "
-                             f"GRPOConfig ({state.get('config')} vs {config.to_dict()})")
-        start_step, history = state["step"], state["history"]
-        data_rng.bit_generator.state = state["data_rng"]
-        reference = load_checkpoint(state["reference"], restore_random_state=False)[0] \
-            if (config.beta > 0 or config.log_kl) else None
+    with TrainingRun("train_grpo", model, optimizer, scheduler, config, out_dir, "rl_last", resume_from,
+                     overwrite, progress) as run:
+        history = run.resume({"steps": [], "seconds": 0.0})
+        reference, reference_state = reference_policy(model, config, out_dir, resume_from, run.saved_state)
+        model.eval()
+        for step in run.steps("grpo"):
+            responses = rollout(model, task, tokenizer, config, run.data_rng)
+            scores, rewards = compute_rewards(task, responses, config)
+            advantages = group_advantages(get_backend().asarray(rewards), config.scale_rewards).reshape(-1)  # (B,)
+            update = policy_update(model, optimizer, scheduler, reference, responses, advantages, tokenizer, config)
+            model.update_routing_bias()
+            run.check_loss(step, update["loss"])
+            record = record_step(step, model, responses, scores, rewards, update)
+            history["steps"].append(record)
+            run.show(reward=f"{record['reward_mean']:.2f}", acc=f"{record['accuracy']:.2f}",
+                     think=f"{record['thinking_share']:.2f}")
+            if on_step:
+                on_step(step, record)
+            run.end_step(step, history, **reference_state)
+    return run.finish(history)
+
+
+def reference_policy(model, config, out_dir, resume_from, saved_state):
+    """The frozen reference policy π_ref (None when neither the KL penalty nor its log needs it), and the state
+    keys that let a resumed run find it again: a new run copies the model's current weights and saves them as
+    `rl_reference.npz` in its run folder; a resumed run loads the one beside the checkpoint it resumes from."""
+    if not (config.beta > 0 or config.log_kl):
+        return None, {}
+    if resume_from is None:
+        reference = _frozen_copy(model)
+        state = {"reference": "rl_reference", "reference_sha256": weights_digest(reference)}
     else:
-        reference = _frozen_copy(model) if (config.beta > 0 or config.log_kl) else None
-        if reference is not None and reference_path:
-            save_checkpoint(reference_path, reference)
-    if reference is not None:
-        reference.eval()
-    checkpoint = os.path.join(out_dir, "rl_last") if out_dir else None
+        folder = os.path.dirname(os.path.abspath(str(resume_from)))
+        if not saved_state.get("reference"):
+            raise CheckpointError(f"train_grpo: the run in {folder} saved no reference policy to resume with")
+        path = os.path.join(folder, os.path.basename(saved_state["reference"]))  # a name, relative to the run
+        reference = load_checkpoint(path, restore_random_state=False)[0].eval()
+        state = {"reference": "rl_reference", "reference_sha256": weights_digest(reference)}
+        if saved_state.get("reference_sha256", state["reference_sha256"]) != state["reference_sha256"]:
+            raise CheckpointError(f"train_grpo: the reference policy {path} is not the one the run in {folder} "
+                                  "started from (its weights differ)")
+        if out_dir and os.path.abspath(out_dir) == folder:
+            return reference, state
+    if out_dir:
+        save_checkpoint(os.path.join(out_dir, "rl_reference"), reference)
+    return reference, state
 
-    model.eval()
-    started = time.perf_counter() - history["seconds"]
-    bar = tqdm(range(start_step, config.steps), desc="grpo", disable=not progress, initial=start_step,
-               total=config.steps)
-    for step in bar:
-        problems = task.sample(data_rng, config.prompts_per_step, split="train")
-        responses = sample_responses(model, problems, tokenizer, config.group_size, config.max_new_tokens,
-                                     temperature=config.temperature)
-        scores = score_responses(task, responses, config.accuracy_weight, config.format_weight)
-        rewards = scores["reward"].reshape(config.prompts_per_step, config.group_size)
-        advantages = group_advantages(backend.asarray(rewards), config.scale_rewards).reshape(-1)  # (B,)
 
-        width = int((responses.tokens != tokenizer.pad_id).sum(axis=1).max())  # drop columns that are all PAD
-        tokens, mask = responses.tokens[:, :width], responses.response_mask[:, :width - 1]
-        with no_grad():
-            old_logprobs = token_logprobs(model, tokens, config.temperature)[0].data if config.mu > 1 else None
-            ref_logprobs = token_logprobs(reference, tokens, config.temperature)[0].data \
-                if reference is not None else None
-        for _ in range(config.mu):
-            logprobs, logits = token_logprobs(model, tokens, config.temperature)
-            old = old_logprobs if old_logprobs is not None else logprobs.data.copy()  # μ = 1: ratio exactly 1
-            loss, loss_stats = policy_loss(logprobs, old, advantages, mask, config.loss_type, config.epsilon,
-                                           config.epsilon_high, config.beta, ref_logprobs, config.max_new_tokens)
-            balance = model.balance_loss()
-            if balance is not None:
-                loss = loss + balance
-            lr = optimizer.lr
-            grad_norm = optimizer_step(model, optimizer, scheduler, loss, config.grad_clip)
-        model.update_routing_bias()
+def _frozen_copy(model):
+    """A copy of the model's current weights that never trains: the reference policy π_ref."""
+    reference = type(model)(model.config)
+    reference.load_state_dict(model.state_dict())  # copies: the arrays are the model's, load_state_dict copies them
+    return reference.eval()
 
-        loss_value = loss.item()
-        check_finite("train_grpo", loss_value, step + 1, checkpoint)
-        correct = scores["accuracy"] > 0
-        record = {
-            "step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
-            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-            "accuracy": float(scores["accuracy"].mean()), "format_rate": float(scores["format"].mean()),
-            "all_equal_share": float((rewards.std(axis=1) == 0).mean()),
-            "mean_length": float(responses.lengths.mean()),
-            "length_correct": float(responses.lengths[correct].mean()) if correct.any() else None,
-            "length_wrong": float(responses.lengths[~correct].mean()) if (~correct).any() else None,
-            "truncated_share": float(scores["truncated"].mean()),
-            "thinking_share": float(scores["thinks"].mean()),
-            "kl": float(loss_stats["kl"]) if "kl" in loss_stats else None,
-            "clip_low": float(loss_stats["clip_low"]) if "clip_low" in loss_stats else None,
-            "clip_high": float(loss_stats["clip_high"]) if "clip_high" in loss_stats else None,
-            "entropy": float(policy_entropy(logits, mask)),
-            **model.routing_summary(),
-        }
-        history["steps"].append(record)
-        bar.set_postfix(reward=f"{record['reward_mean']:.2f}", acc=f"{record['accuracy']:.2f}",
-                        think=f"{record['thinking_share']:.2f}")
-        if on_step:
-            on_step(step + 1, record)
-        history["seconds"] = time.perf_counter() - started
-        if checkpoint and config.checkpoint_every and ((step + 1) % config.checkpoint_every == 0
-                                                       or step + 1 == config.steps):
-            save_checkpoint(checkpoint, model, optimizer, scheduler,
-                            {"step": step + 1, "history": history, "config": config.to_dict(),
-                             "data_rng": data_rng.bit_generator.state, "reference": reference_path})
-    bar.close()
-    history["seconds"] = time.perf_counter() - started
-    return history
+
+def rollout(model, task, tokenizer, config, data_rng):
+    """Sample `prompts_per_step` training problems and a group of `group_size` responses to each from the
+    current policy. Returns the Responses (rows grouped by problem: `responses.problems`)."""
+    problems = task.sample(data_rng, config.prompts_per_step, split="train")
+    return sample_responses(model, problems, tokenizer, config.group_size, config.max_new_tokens,
+                            temperature=config.temperature)
+
+
+def compute_rewards(task, responses, config):
+    """The rule-based scores of every response, and the rewards as (prompts, group) for the advantages."""
+    scores = score_responses(task, responses, config.accuracy_weight, config.format_weight)
+    return scores, scores["reward"].reshape(config.prompts_per_step, config.group_size)
+
+
+def policy_update(model, optimizer, scheduler, reference, responses, advantages, tokenizer, config):
+    """μ gradient steps on the GRPO objective for one sampled batch. Returns {"loss" (host float), "lr",
+    "grad_norm" (0-d array), "stats" (policy_loss's), "logits", "mask"} of the last step."""
+    width = int((responses.tokens != tokenizer.pad_id).sum(axis=1).max())  # drop columns that are all PAD
+    tokens, mask = responses.tokens[:, :width], responses.response_mask[:, :width - 1]
+    with no_grad():
+        old_logprobs = token_logprobs(model, tokens, config.temperature)[0].data if config.mu > 1 else None
+        ref_logprobs = token_logprobs(reference, tokens, config.temperature)[0].data if reference is not None \
+            else None
+    for _ in range(config.mu):
+        logprobs, logits = token_logprobs(model, tokens, config.temperature)
+        old = old_logprobs if old_logprobs is not None else logprobs.data.copy()  # μ = 1: ratio exactly 1
+        loss, stats = policy_loss(logprobs, old, advantages, mask, config.loss_type, config.epsilon,
+                                  config.epsilon_high, config.beta, ref_logprobs, config.max_new_tokens)
+        balance = model.balance_loss()
+        if balance is not None:
+            loss = loss + balance
+        lr = optimizer.lr
+        grad_norm = optimizer_step(model, optimizer, scheduler, loss, config.grad_clip)
+    return {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm, "stats": stats, "logits": logits, "mask": mask}
+
+
+def record_step(step, model, responses, scores, rewards, update):
+    """One step's measurements (host numbers): what the demo plots and R1-Zero's curves show."""
+    correct = scores["accuracy"] > 0
+    stats = update["stats"]
+    return {
+        "step": step, "loss": update["loss"], "lr": update["lr"], "grad_norm": update["grad_norm"].item(),
+        "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+        "accuracy": float(scores["accuracy"].mean()), "format_rate": float(scores["format"].mean()),
+        "all_equal_share": float((rewards.std(axis=1) == 0).mean()),
+        "mean_length": float(responses.lengths.mean()),
+        "length_correct": float(responses.lengths[correct].mean()) if correct.any() else None,
+        "length_wrong": float(responses.lengths[~correct].mean()) if (~correct).any() else None,
+        "truncated_share": float(scores["truncated"].mean()),
+        "thinking_share": float(scores["thinks"].mean()),
+        "kl": float(stats["kl"]) if "kl" in stats else None,
+        "clip_low": float(stats["clip_low"]) if "clip_low" in stats else None,
+        "clip_high": float(stats["clip_high"]) if "clip_high" in stats else None,
+        "entropy": float(policy_entropy(update["logits"], update["mask"])),
+        **model.routing_summary(),
+    }

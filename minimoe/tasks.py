@@ -111,6 +111,11 @@ class Tokenizer:
 
     def decode(self, ids):
         """The text of a sequence of token ids (a list or a 1-D host array). Special tokens are kept."""
+        ids = list(ids)
+        not_integer = [i for i in ids if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer))]
+        if not_integer:
+            raise TypeError(f"Tokenizer.decode: token ids must be integers, got {not_integer[0]!r} "
+                            f"({type(not_integer[0]).__name__})")
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:

@@ -10,33 +10,29 @@ AdamW, linear warm-up then cosine decay, gradient clipping; periodic held-out ev
 run can resume from bit for bit; a NaN/Inf loss stops the run and points at the last good checkpoint.
 """
 
-import dataclasses
-import math
-import os
-import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from tqdm.auto import tqdm
+import numpy as np
 
 from . import functional as F
 from .autograd import no_grad
-from .backend import get_backend, numpy
-from .checkpoint import load_checkpoint, save_checkpoint
-from .optim import AdamW, WarmupCosine, clip_grad_norm_
-from .tasks import DEFAULT_MIX, Tokenizer, build_corpus
+from .backend import get_backend
+from .loop import TrainingDiverged, TrainingRun, optimizer_step
+from .optim import AdamW, WarmupCosine
+from .tasks import DEFAULT_MIX, STYLES, Tokenizer, build_corpus
+from .validation import Checks, Config, is_real
 
-__all__ = ["PretrainConfig", "TrainingDiverged", "pretrain", "lm_batch", "lm_loss", "optimizer_step"]
+__all__ = ["PretrainConfig", "TrainingDiverged", "pretrain", "pretrain_step", "lm_batch", "lm_loss", "optimizer_step"]
 
 IGNORE = -100  # target id the loss skips (prompt positions, padding)
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
-
-
 @dataclass
-class PretrainConfig:
-    """Pretraining settings; the defaults are the demo's (about two minutes on 2 CPU cores)."""
+class PretrainConfig(Config):
+    """Pretraining settings; the defaults are the demo's (about two minutes on 2 CPU cores).
+
+    checkpoint_every -- save every this many steps; 0 saves only after the last step (with an out_dir)"""
 
     steps: int = 1000
     batch_size: int = 128
@@ -51,15 +47,33 @@ class PretrainConfig:
     checkpoint_every: int = 250
     seed: int = 0
 
-    def to_dict(self):
-        return dataclasses.asdict(self)
+    def validate(self):
+        """Raise a ConfigError naming every field that cannot work."""
+        check = Checks("PretrainConfig", self)
+        for name in ("steps", "batch_size", "eval_batch_size"):
+            check.integer(name, minimum=1)
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):  # eval_every 0: no evaluation
+            check.integer(name, minimum=0)
+        check.real("lr", above=0)
+        check.real("min_lr", minimum=0)
+        check.real("weight_decay", minimum=0)
+        check.real("grad_clip", above=0)
+        if check.ok("lr", "min_lr") and self.min_lr > self.lr:
+            check.fail("min_lr", f"min_lr={self.min_lr} must be ≤ lr={self.lr} (the schedule decays towards it)")
+        if check.ok("steps", "warmup_steps") and self.warmup_steps > self.steps:
+            check.fail("warmup_steps", f"warmup_steps={self.warmup_steps} must be ≤ steps={self.steps}")
+        mix = self.mix
+        if not isinstance(mix, Mapping) or not mix or set(mix) - set(STYLES) or not all(
+                is_real(f) and f >= 0 for f in mix.values()) or abs(sum(mix.values()) - 1) > 1e-9:
+            check.fail("mix", f"mix={mix!r} must map styles among {STYLES} to fractions ≥ 0 that sum to 1")
+        check.done()
 
 
 def lm_batch(corpus, tokenizer, backend=None):
     """(inputs, targets) backend arrays of shape (B, T-1) from a Corpus: targets are the next tokens, with
     IGNORE wherever the predicted token is not part of the completion (the prompt and the padding)."""
     ids, _, _, completion_mask = corpus.encode(tokenizer)
-    targets = numpy.where(completion_mask[:, 1:], ids[:, 1:], IGNORE)
+    targets = np.where(completion_mask[:, 1:], ids[:, 1:], IGNORE)
     backend = backend or get_backend()
     return backend.asarray(ids[:, :-1]), backend.asarray(targets)
 
@@ -69,27 +83,6 @@ def lm_loss(model, inputs, targets):
     lm = F.cross_entropy(model(inputs), targets, ignore_index=IGNORE)
     balance = model.balance_loss()
     return (lm if balance is None else lm + balance), lm
-
-
-def optimizer_step(model, optimizer, scheduler, loss, grad_clip):
-    """Backward, clip, step, schedule. Returns the gradient norm (a 0-d tensor, still on the device).
-    The caller updates the routing bias (DeepSeek-V3's auxiliary-loss-free balancing) once per step."""
-    optimizer.zero_grad()
-    loss.backward()
-    grad_norm = clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    scheduler.step()
-    return grad_norm
-
-
-def check_finite(who, loss_value, step, checkpoint):
-    """Stop a run whose loss became NaN or infinite, saying where its last good checkpoint is."""
-    if math.isfinite(loss_value):
-        return
-    where = f"the last good checkpoint is {checkpoint}" if checkpoint and os.path.exists(checkpoint + ".json") \
-        else "no checkpoint was written yet"
-    raise TrainingDiverged(f"{who}: the loss became {loss_value} at step {step}; stopping ({where}). "
-                           "Try a lower learning rate or a smaller grad_clip.")
 
 
 def make_optimizer(model, config, total_steps):
@@ -102,7 +95,7 @@ def heldout_loss(model, task, tokenizer, config, seed=12345):
     """Next-token loss on a fixed batch of held-out problems (the same batch every time it is called)."""
     was_training = model.training
     model.eval()
-    corpus = build_corpus(task, config.eval_batch_size, numpy.random.default_rng(seed), config.mix, split="test")
+    corpus = build_corpus(task, config.eval_batch_size, np.random.default_rng(seed), config.mix, split="test")
     inputs, targets = lm_batch(corpus, tokenizer)
     loss = F.cross_entropy(model(inputs), targets, ignore_index=IGNORE).item()
     model.train(was_training)
@@ -110,12 +103,13 @@ def heldout_loss(model, task, tokenizer, config, seed=12345):
 
 
 def pretrain(model, task, config=None, tokenizer=None, out_dir=None, resume_from=None, progress=True,
-             on_step=None, on_eval=None):
+             on_step=None, on_eval=None, overwrite=False):
     """Pretrain `model` on `task`'s mixed corpus. Returns the history:
     {"step", "loss", "lm_loss", "lr", "grad_norm", "expert_load", "router_entropy": per-step lists;
      "eval": [{"step", "heldout_loss", ...}], "seconds": wall time}.
 
-    out_dir      -- where checkpoints go (`pretrain_last.npz/.json`); None: no checkpoints
+    out_dir      -- the run folder, where the checkpoint `pretrain_last.npz` goes; None: no checkpoints. A folder
+                    that holds one already is refused unless resuming it or `overwrite` (minimoe.loop.RunFolder)
     resume_from  -- a checkpoint of an interrupted run with the same config: continue where it stopped
     on_step      -- called as on_step(step, record) after every step (e.g. live plots in a notebook)
     on_eval      -- called as on_eval(model, step) at each evaluation; its dict is merged into the eval record
@@ -126,54 +120,39 @@ def pretrain(model, task, config=None, tokenizer=None, out_dir=None, resume_from
         raise ValueError(f"pretrain: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                          f"{model.config.vocab_size}")
     optimizer, scheduler = make_optimizer(model, config, config.steps)
-    data_rng = numpy.random.default_rng(config.seed)
     history = {"step": [], "loss": [], "lm_loss": [], "lr": [], "grad_norm": [], "expert_load": [],
                "router_entropy": [], "eval": [], "seconds": 0.0}
-    start_step = 0
-    if resume_from is not None:
-        _, state = load_checkpoint(resume_from, model, optimizer, scheduler)
-        if state.get("config") != config.to_dict():
-            raise ValueError(f"pretrain: cannot resume from {resume_from!r}: it was saved with a different "
-                             f"PretrainConfig ({state.get('config')} vs {config.to_dict()})")
-        start_step, history = state["step"], state["history"]
-        data_rng.bit_generator.state = state["data_rng"]
-    checkpoint = os.path.join(out_dir, "pretrain_last") if out_dir else None
+    with TrainingRun("pretrain", model, optimizer, scheduler, config, out_dir, "pretrain_last", resume_from,
+                     overwrite, progress) as run:
+        history = run.resume(history)
+        model.train()
+        for step in run.steps():
+            record = pretrain_step(model, optimizer, scheduler, task, tokenizer, config, run.data_rng)
+            run.check_loss(step, record["loss"])
+            record = {"step": step, **record}
+            for key, value in record.items():
+                history[key].append(value)
+            run.show(loss=f"{record['loss']:.3f}")
+            if on_step:
+                on_step(step, record)
+            if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+                evaluation = {"step": step, "heldout_loss": heldout_loss(model, task, tokenizer, config)}
+                if on_eval:
+                    evaluation.update(on_eval(model, step))
+                history["eval"].append(evaluation)
+                model.train()
+            run.end_step(step, history)
+    return run.finish(history)
 
-    def save(step):
-        save_checkpoint(checkpoint, model, optimizer, scheduler,
-                        {"step": step, "history": history, "config": config.to_dict(),
-                         "data_rng": data_rng.bit_generator.state})
 
-    model.train()
-    started = time.perf_counter() - history["seconds"]
-    bar = tqdm(range(start_step, config.steps), desc="pretrain", disable=not progress, initial=start_step,
-               total=config.steps)
-    for step in bar:
-        corpus = build_corpus(task, config.batch_size, data_rng, config.mix, split="train")
-        inputs, targets = lm_batch(corpus, tokenizer)
-        loss, lm = lm_loss(model, inputs, targets)
-        lr = optimizer.lr
-        grad_norm = optimizer_step(model, optimizer, scheduler, loss, config.grad_clip)
-        model.update_routing_bias()
-        loss_value = loss.item()  # the one host read per step: for the log, and the divergence check
-        check_finite("pretrain", loss_value, step + 1, checkpoint)
-        record = {"step": step + 1, "loss": loss_value, "lm_loss": lm.item(), "lr": lr,
-                  "grad_norm": grad_norm.item(), **model.routing_summary()}
-        for key, value in record.items():
-            history[key].append(value)
-        bar.set_postfix(loss=f"{loss_value:.3f}")
-        if on_step:
-            on_step(step + 1, record)
-        if config.eval_every and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
-            evaluation = {"step": step + 1, "heldout_loss": heldout_loss(model, task, tokenizer, config)}
-            if on_eval:
-                evaluation.update(on_eval(model, step + 1))
-            history["eval"].append(evaluation)
-            model.train()
-        history["seconds"] = time.perf_counter() - started
-        if checkpoint and config.checkpoint_every and ((step + 1) % config.checkpoint_every == 0
-                                                       or step + 1 == config.steps):
-            save(step + 1)
-    bar.close()
-    history["seconds"] = time.perf_counter() - started
-    return history
+def pretrain_step(model, optimizer, scheduler, task, tokenizer, config, data_rng):
+    """One update on a fresh batch. Returns its record: loss, lm_loss, lr, grad_norm and the routing summary."""
+    corpus = build_corpus(task, config.batch_size, data_rng, config.mix, split="train")
+    inputs, targets = lm_batch(corpus, tokenizer)
+    loss, lm = lm_loss(model, inputs, targets)
+    lr = optimizer.lr
+    grad_norm = optimizer_step(model, optimizer, scheduler, loss, config.grad_clip)
+    model.update_routing_bias()
+    loss_value = loss.item()  # the one host read per step: for the log, and the divergence check
+    return {"loss": loss_value, "lm_loss": lm.item(), "lr": lr, "grad_norm": grad_norm.item(),
+            **model.routing_summary()}

@@ -118,7 +118,7 @@ def test_bad_arguments_are_refused(float64):
     model = Transformer(ModelConfig(**SMALL))
     with pytest.raises(ValueError, match="exceeds the model's max_seq_len=24"):
         generate(model, np.ones((1, 20), dtype=np.int64), 10, EOS, PAD)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature=0.0 must be a finite number > 0"):
         sample_next(np.zeros((1, 3)), temperature=0.0)
     with pytest.raises(ValueError, match="top_p must be in"):
         filter_logits(np.zeros((1, 3)), top_p=1.5)

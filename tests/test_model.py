@@ -118,7 +118,7 @@ def test_clear_errors_for_long_sequences_and_unknown_tokens(float64):
     config, model, _ = build({})
     with pytest.raises(ValueError, match="exceed max_seq_len=16"):
         model(minimoe.tensor(random_tokens(config, (1, 17))))
-    with pytest.raises(IndexError, match="ids range over"):
+    with pytest.raises(IndexError, match=r"embedding.*indices range over"):
         model(minimoe.tensor([[1, 2, config.vocab_size]]))
     with pytest.raises(ValueError, match="batch, time"):
         model(minimoe.tensor([1, 2, 3]))

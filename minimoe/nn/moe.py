@@ -17,7 +17,7 @@ import math
 from collections import namedtuple
 
 from .. import functional as F
-from ..autograd import Function, ShapeError, Tensor, get_default_dtype
+from ..autograd import Function, ShapeError, Tensor, get_default_dtype, is_grad_enabled
 from ..backend import backend_of, device_rng, get_array_module, get_backend
 from .module import Linear, Module, ModuleList, Parameter, init_uniform
 
@@ -196,7 +196,6 @@ class Gate(Module):
         sequences for the sequence-wise loss; a 2-D input is one sequence."""
         if x.ndim < 2 or x.shape[-1] != self.dim:
             raise ShapeError(f"Gate: expected an input (..., T, dim={self.dim}), got shape {x.shape}")
-        xp = get_array_module(x.data)
         n_sequences, seq_len = math.prod(x.shape[:-2]), x.shape[-2]
         logits = F.linear(x.reshape(-1, self.dim), self.weight)  # (N, E)
         scores = F.softmax(logits) if self.score_func == "softmax" else F.sigmoid(logits)  # (N, E)
@@ -208,7 +207,7 @@ class Gate(Module):
         if self.route_scale != 1:
             weights = weights * self.route_scale
 
-        counts = xp.bincount(indices.reshape(-1), minlength=self.n_routed_experts)  # (E,)
+        counts = backend_of(indices).bincount(indices.reshape(-1), self.n_routed_experts)  # (E,), no sync
         if self.training and self.bias is not None:
             self.load_since_update = counts if self.load_since_update is None else self.load_since_update + counts
         losses = self._balance_losses(logits, scores, indices, counts, n_sequences, seq_len)
@@ -246,8 +245,8 @@ class Gate(Module):
         if self.seq_aux_alpha > 0:
             xp = get_array_module(counts)
             sequence = xp.arange(indices.shape[0]) // seq_len  # (N,)
-            per_sequence = xp.bincount((sequence[:, None] * self.n_routed_experts + indices).reshape(-1),
-                                       minlength=n_sequences * self.n_routed_experts)
+            per_sequence = backend_of(indices).bincount((sequence[:, None] * self.n_routed_experts + indices)
+                                                        .reshape(-1), n_sequences * self.n_routed_experts)
             losses["seq_aux_loss"] = self.seq_aux_alpha * self._expert_balance(
                 probabilities.reshape(n_sequences, seq_len, -1), per_sequence.reshape(n_sequences, -1))
         if self.z_loss_coef > 0:
@@ -316,6 +315,9 @@ class MoE(Module):
     experts only. Eval mode never drops and never adds noise, so a token's output does not depend on the rest
     of the batch and routing is deterministic, as generation and the RL loop need. The bias still applies.
 
+    Decoding (eval mode, no_grad, at most `sync_free_tokens` tokens): every expert runs on every token and each token
+    keeps its K outputs, so the layer needs no block sizes on the host (see `_every_expert_on_every_token`).
+
     After each forward:
       balance_loss -- a 0-d Tensor in the graph, the sum of the enabled balance terms (None when none is on);
                       add it to the training loss
@@ -325,6 +327,8 @@ class MoE(Module):
                       "dropped" (token, expert) assignments dropped by the capacity; and the value of each
                       enabled balance term ("aux_loss", "seq_aux_loss", "z_loss")
     """
+
+    sync_free_tokens = 64  # decode steps up to this many tokens take the sync-free path
 
     def __init__(self, dim, n_routed_experts, n_activated_experts, moe_inter_dim, n_shared_experts=0,
                  capacity_factor=None, **gate_options):
@@ -348,6 +352,11 @@ class MoE(Module):
         routing = self.gate(x)
         tokens = x.reshape(-1, self.dim)  # (N, dim)
         n = tokens.shape[0]
+        if n <= self.sync_free_tokens and not (self.training or is_grad_enabled()):  # decoding: no host sync
+            routed = self._every_expert_on_every_token(tokens, routing)
+            y = routed if self.shared_experts is None else self.shared_experts(tokens) + routed
+            self._record(routing, xp.zeros((), dtype=routing.counts.dtype))
+            return y.reshape(x.shape)
 
         # Dispatch: one stable sort groups the N·K (token, expert) assignments by expert. Expert batch boundaries
         # must be host integers to slice with: copying the E counts is this layer's one small device->host sync.
@@ -401,6 +410,19 @@ class MoE(Module):
             y = F.index_add(y, token, expert(tokens[token]) * weight)  # y[token] += g · expert(x[token])
         self._record(routing, xp.zeros((), dtype=routing.counts.dtype))
         return y.reshape(x.shape)
+
+    def _every_expert_on_every_token(self, tokens, routing):
+        """Σ_k g_{t,k} · expert_{i(t,k)}(u_t) without host integers, for a few tokens under no_grad (decoding).
+        Every expert runs on every token, one batched product per weight matrix, and each token keeps the outputs
+        of its K experts. That is E/K times the routed FLOPs, but a decode step is bound by reading the weights,
+        which this reads once each (as the grouped path does when all experts are used), and the host never waits
+        for the block sizes: a GPU decode step stays free of syncs."""
+        xp = get_array_module(tokens.data)
+        w1, w3, w2 = (F.stack([getattr(e, name).weight for e in self.experts]) for name in ("w1", "w3", "w2"))
+        hidden = F.swiglu(tokens @ F.transpose(w1), tokens @ F.transpose(w3))  # (E, N, I)
+        outputs = hidden @ F.transpose(w2)  # (E, N, dim): expert e on token t
+        picked = outputs[routing.indices, xp.arange(tokens.shape[0])[:, None]]  # (N, K, dim)
+        return (picked * routing.weights.unsqueeze(-1)).sum(axis=1)  # (N, dim)
 
     def _capacity(self, n_tokens):
         if self.capacity_factor is None:
