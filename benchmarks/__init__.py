@@ -14,4 +14,7 @@ run in turns and each figure is a median over the rounds (benchmarks/common.py).
     distributed expert parallelism on 4 MPI ranks (launches mpiexec): bytes per token across nodes with and
                 without node-limited routing, the slowest rank under collapsed vs balanced routing, time in
                 communication, overlap of the shared expert with the dispatch; minimoe figures only
+
+Not timed, and run on its own: `python -m benchmarks.specialisation`, the experiments of lesson 15 (do the
+experts specialise? before and after GRPO, fine-grained vs coarse, shared expert, ablation; several seeds).
 """

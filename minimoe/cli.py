@@ -380,13 +380,23 @@ def command_generate(args):
     model = _load_model(args.checkpoint, config, tokenizer)[0]
     problem = Problem(prompt=args.prompt, reference="", task=config["task"], operands=(), target=None)
     responses = sample_responses(model, [problem], tokenizer, args.n, config["eval_settings"]["max_new_tokens"],
-                                 temperature=args.temperature or 1.0, greedy=args.temperature == 0)
+                                 temperature=args.temperature or 1.0, greedy=args.temperature == 0,
+                                 speculative=args.speculative)
     for text in responses.texts:
         print(f"{args.prompt}{text}")
 
 
+def command_export_hf(args):
+    """Write a checkpoint as a Hugging Face DeepseekV3 model folder (see minimoe/hf.py)."""
+    from .hf import export_hf
+
+    export_hf(args.checkpoint, args.out)  # an HFFormatError is a ValueError: one line, exit status 2
+    print(f"wrote {args.out}: load it with transformers.AutoModelForCausalLM.from_pretrained({args.out!r}) and "
+          f"AutoTokenizer.from_pretrained({args.out!r})")
+
+
 COMMANDS = {"demo": command_demo, "train": command_train, "rl": command_rl, "eval": command_eval,
-            "generate": command_generate}
+            "generate": command_generate, "export-hf": command_export_hf}
 
 
 def _number(kind, minimum):
@@ -419,7 +429,8 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     helps = {"demo": "pretrain, evaluate, GRPO, evaluate: plots and a summary", "train": "pretrain a model",
              "rl": "improve a pretrained model with GRPO", "eval": "measure a checkpoint",
-             "generate": "sample continuations of a prompt"}
+             "generate": "sample continuations of a prompt",
+             "export-hf": "write a checkpoint as a Hugging Face DeepseekV3 folder (config, safetensors, tokenizer)"}
     sub = {name: commands.add_parser(name, parents=[common], help=helps[name], description=helps[name])
            for name in COMMANDS}
     for name in ("demo", "train", "rl"):
@@ -432,13 +443,17 @@ def build_parser():
         sub[name].add_argument("--resume", action="store_true", help="continue the run in --out")
     sub["train"].add_argument("--checkpoint", help="start a new run from this checkpoint's weights (a fresh "
                                                    "optimizer and schedule); not with --resume")
-    for name in ("rl", "eval", "generate"):
+    for name in ("rl", "eval", "generate", "export-hf"):
         sub[name].add_argument("--checkpoint", required=True,
                                help="a checkpoint path" + (" (a pretrained model)" * (name == "rl")))
     sub["eval"].add_argument("--out", help="folder for eval.json")
+    sub["export-hf"].add_argument("--out", required=True, help="the folder to write (config.json, model.safetensors, "
+                                                                "tokenizer files)")
     sub["generate"].add_argument("--prompt", required=True, help="the prompt, e.g. 347+589=")
     sub["generate"].add_argument("--n", type=_number(int, 1), default=4, help="number of samples (≥ 1)")
     sub["generate"].add_argument("--temperature", type=_number(float, 0), default=1.0, help="0 for greedy")
+    sub["generate"].add_argument("--speculative", action="store_true",
+                                 help="draft with the model's multi-token prediction modules (n_mtp_modules ≥ 1)")
     return parser
 
 

@@ -94,12 +94,19 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, g
 
 @no_grad()
 def generate(model, prompt_ids, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=None, top_p=None,
-             greedy=False, use_cache=True, generator=None):
+             greedy=False, use_cache=True, generator=None, speculative=False):
     """Continue each prompt of `prompt_ids` (B, P) — integer backend array, all prompts the same length — by up
     to `max_new_tokens` tokens. Runs in eval mode (no dropout, deterministic routing) and restores the mode.
+    speculative=True drafts with the model's multi-token prediction modules and verifies the drafts in one pass
+    (minimoe/speculative.py): the same output distribution, fewer passes of the main model.
 
     Stopping early when every sequence has finished costs one boolean read from the device per step."""
     check_sampling("generate", temperature, top_k, top_p, greedy, max_new_tokens)
+    if speculative:
+        from .speculative import speculative_generate  # it builds on this module
+
+        return speculative_generate(model, prompt_ids, max_new_tokens, eos_id, pad_id, temperature, top_k, top_p,
+                                    greedy, generator)
     prompt_ids = prompt_ids.data if isinstance(prompt_ids, Tensor) else prompt_ids
     xp = get_array_module(prompt_ids)
     batch, prompt_length = prompt_ids.shape
@@ -168,8 +175,9 @@ def _by_prompt_length(prompt_ids):
 
 @no_grad()
 def sample_responses(model, problems, tokenizer=None, n_per_problem=1, max_new_tokens=40, temperature=1.0,
-                     top_k=None, top_p=None, greedy=False, generator=None):
-    """Generate `n_per_problem` responses to every problem in one batched pass per prompt length."""
+                     top_k=None, top_p=None, greedy=False, generator=None, speculative=False):
+    """Generate `n_per_problem` responses to every problem in one batched pass per prompt length
+    (speculative=True: drafted by the model's MTP modules, see minimoe/speculative.py)."""
     tokenizer = tokenizer or Tokenizer()
     backend = get_backend()
     xp = backend.xp
@@ -184,7 +192,8 @@ def sample_responses(model, problems, tokenizer=None, n_per_problem=1, max_new_t
     for prompt_length, indices in _by_prompt_length(prompt_ids).items():
         batch = backend.asarray(np.array([prompt_ids[i] for i in indices]))
         out = generate(model, batch, max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                       temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator)
+                       temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator,
+                       speculative=speculative)
         index = backend.asarray(np.array(indices))
         tokens[index, :prompt_length + max_new_tokens] = out.tokens
         positions = xp.arange(width - 1)  # the position that predicts token t + 1

@@ -134,10 +134,14 @@ class Gate(Module):
         chosen = top-K of  s + b  (+ noise)    b: the balancing bias; it changes the choice only
         g      = s[chosen], renormalised to sum to 1 for sigmoid (V3), as they are for softmax (V2); × route_scale
 
-    Group-limited routing (n_groups > 1): the experts form n_groups equal groups; a group's score is the max of
-    its selection scores (softmax) or the sum of its top-2 (sigmoid, as V3; a one-expert group scores its only
-    expert); only the topk_groups best groups stay, the others are set to −inf before the top-K. Not 0: with a
-    sigmoid and a negative bias every kept score can be below 0, and a "masked" expert would win.
+    Group-limited routing (n_groups > 1): the experts form n_groups equal groups; a group's score is, as in
+    DeepSeek-V3's reference Gate, the max of its selection scores when the gate has no bias (V2's rule) and the
+    sum of its top-2 biased scores when it has one (V3's rule; a one-expert group scores its only expert). The
+    rule follows the bias, not the score function: sigmoid without a bias scores groups by their max, softmax
+    with a bias by their top-2 sum. (Hugging Face's DeepseekV3 always has a bias, `e_score_correction_bias`,
+    and always uses the top-2 sum.) Only the topk_groups best groups stay, the others are set to −inf before
+    the top-K. Not 0: with a sigmoid and a negative bias every kept score can be below 0, and a "masked"
+    expert would win.
 
     Noisy top-k (noise_std > 0, training mode only): ε ~ N(0, noise_std²) per token and expert is added to the
     selection scores s + b, so it changes which experts are chosen (groups included) and nothing else: the
@@ -225,7 +229,7 @@ class Gate(Module):
         if self.n_groups > 1:
             n = choice.shape[0]
             grouped = choice.reshape(n, self.n_groups, -1)  # (N, G, E/G)
-            if self.score_func == "softmax":
+            if self.bias is None:
                 group_scores = grouped.max(axis=-1)  # (N, G)
             else:
                 group_scores = xp.sort(grouped, axis=-1)[..., -2:].sum(axis=-1)  # (N, G)
@@ -388,6 +392,19 @@ class MoE(Module):
         self._record(routing, dropped)
         return y.reshape(x.shape)
 
+    def _every_expert_on_every_token(self, tokens, routing):
+        """Σ_k g_{t,k} · expert_{i(t,k)}(u_t) without host integers, for a few tokens under no_grad (decoding).
+        Every expert runs on every token, one batched product per weight matrix, and each token keeps the outputs
+        of its K experts. That is E/K times the routed FLOPs, but a decode step is bound by reading the weights,
+        which this reads once each (as the grouped path does when all experts are used), and the host never waits
+        for the block sizes: a GPU decode step stays free of syncs."""
+        xp = get_array_module(tokens.data)
+        w1, w3, w2 = (F.stack([getattr(e, name).weight for e in self.experts]) for name in ("w1", "w3", "w2"))
+        hidden = F.swiglu(tokens @ F.transpose(w1), tokens @ F.transpose(w3))  # (E, N, I)
+        outputs = hidden @ F.transpose(w2)  # (E, N, dim): expert e on token t
+        picked = outputs[routing.indices, xp.arange(tokens.shape[0])[:, None]]  # (N, K, dim)
+        return (picked * routing.weights.unsqueeze(-1)).sum(axis=1)  # (N, dim)
+
     def forward_plain(self, x):
         """What `forward` computes (dropless), written as DeepSeek-V3's reference MoE.forward: a loop over the
         experts, each called on the tokens that chose it. One small graph per expert instead of three grouped
@@ -410,19 +427,6 @@ class MoE(Module):
             y = F.index_add(y, token, expert(tokens[token]) * weight)  # y[token] += g · expert(x[token])
         self._record(routing, xp.zeros((), dtype=routing.counts.dtype))
         return y.reshape(x.shape)
-
-    def _every_expert_on_every_token(self, tokens, routing):
-        """Σ_k g_{t,k} · expert_{i(t,k)}(u_t) without host integers, for a few tokens under no_grad (decoding).
-        Every expert runs on every token, one batched product per weight matrix, and each token keeps the outputs
-        of its K experts. That is E/K times the routed FLOPs, but a decode step is bound by reading the weights,
-        which this reads once each (as the grouped path does when all experts are used), and the host never waits
-        for the block sizes: a GPU decode step stays free of syncs."""
-        xp = get_array_module(tokens.data)
-        w1, w3, w2 = (F.stack([getattr(e, name).weight for e in self.experts]) for name in ("w1", "w3", "w2"))
-        hidden = F.swiglu(tokens @ F.transpose(w1), tokens @ F.transpose(w3))  # (E, N, I)
-        outputs = hidden @ F.transpose(w2)  # (E, N, dim): expert e on token t
-        picked = outputs[routing.indices, xp.arange(tokens.shape[0])[:, None]]  # (N, K, dim)
-        return (picked * routing.weights.unsqueeze(-1)).sum(axis=1)  # (N, dim)
 
     def _capacity(self, n_tokens):
         if self.capacity_factor is None:

@@ -55,9 +55,10 @@ class Gate(nn.Module):
             self.bias = None
 
     def group_scores(self, choice):
-        """(N, G): max of each group's selection scores (softmax), sum of its top-2 (sigmoid, V3)."""
+        """(N, G): max of each group's selection scores without a bias, sum of its top-2 with one (as V3's
+        inference/model.py: the rule follows the bias, not the score function)."""
         grouped = choice.view(choice.shape[0], self.n_groups, -1)
-        if self.score_func == "softmax":
+        if self.bias is None:
             return grouped.amax(dim=-1)
         return grouped.topk(min(2, grouped.shape[-1]), dim=-1)[0].sum(dim=-1)
 
