@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from .autograd import Tensor
 from .backend import backend_of
+from .fp8 import RECIPES, use_fp8
 from .nn import MHA, MLA, MLP, Dropout, Embedding, Linear, Module, ModuleList, MoE, RMSNorm
 
 __all__ = ["ModelConfig", "Block", "Transformer"]
@@ -63,6 +64,8 @@ class ModelConfig:
     seq_aux_alpha: float = 0.0
     z_loss_coef: float = 0.0
     capacity_factor: float = None  # None: dropless
+    # numerics
+    fp8: str = None  # None: float32 throughout; "v3" | "per_tensor": the FFN GEMMs in simulated FP8 (minimoe.fp8)
 
     def __post_init__(self):
         self.validate()
@@ -97,6 +100,8 @@ class ModelConfig:
             problems.append(f"n_dense_layers={self.n_dense_layers} must be between 0 and n_layers={self.n_layers}")
         if not 0 <= self.dropout < 1:
             problems.append(f"dropout={self.dropout} must be in [0, 1)")
+        if self.fp8 is not None and self.fp8 not in RECIPES:
+            problems.append(f"fp8={self.fp8!r} must be None or one of {sorted(RECIPES)}")
         if problems:
             raise ValueError("ModelConfig: " + "; ".join(problems))
 
@@ -161,6 +166,8 @@ class Transformer(Module):
         self.layers = ModuleList([Block(i, config) for i in range(config.n_layers)])
         self.norm = RMSNorm(config.dim)
         self.head = Linear(config.dim, config.vocab_size, bias=False)
+        if config.fp8:
+            use_fp8(self, config.fp8)  # V3's choice: FFN GEMMs in FP8; embedding, attention, gate, head not
 
     def forward(self, ids, start_pos=0, caches=None):
         ids = ids.data if isinstance(ids, Tensor) else ids
