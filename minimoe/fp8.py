@@ -164,23 +164,36 @@ class Quantized:
 
     def scale_per_value(self):
         """The scale of every entry of `values` (same shape)."""
-        return _scale_per_value(self.scale, self.granularity, self.tile, self.values.shape)
+        xp = get_array_module(self.values)
+        grouped = _groups(self.values, self.granularity, self.tile)
+        return xp.broadcast_to(_scale_view(self.scale, self.granularity), grouped.shape).reshape(self.values.shape)
 
     def dequantize(self, dtype=None):
         """values · scale, cropped to the original shape, in `dtype` (default: the values' dtype). In float64 the
         product is exact (a 4-bit times a 24-bit significand)."""
         dtype = dtype or self.values.dtype
-        full = self.values.astype(dtype) * self.scale_per_value().astype(dtype)
+        grouped = _groups(self.values.astype(dtype), self.granularity, self.tile)
+        full = (grouped * _scale_view(self.scale.astype(dtype), self.granularity)).reshape(self.values.shape)
         return full[tuple(slice(0, n) for n in self.shape)]
 
 
-def _scale_per_value(scale, granularity, tile, shape):
-    """Group scales repeated over their groups: an array of `shape` (the padded values' shape)."""
-    xp = get_array_module(scale)
-    if granularity == "tensor":
-        return xp.broadcast_to(scale, shape)
-    scale = xp.repeat(scale, tile, axis=-1)
-    return xp.repeat(scale, tile, axis=-2) if granularity == "block" else scale
+def _groups(x, granularity, tile):
+    """A view of x with each group on axes of its own: (..., K/t, t) for tiles, (..., M/t, t, K/t, t) for blocks."""
+    if granularity == "tile":
+        return x.reshape(*x.shape[:-1], x.shape[-1] // tile, tile)
+    if granularity == "block":
+        *lead, m, k = x.shape
+        return x.reshape(*lead, m // tile, tile, k // tile, tile)
+    return x
+
+
+def _scale_view(scale, granularity):
+    """The group scales shaped to broadcast against `_groups`."""
+    if granularity == "tile":
+        return scale[..., None]
+    if granularity == "block":
+        return scale[..., :, None, :, None]
+    return scale
 
 
 def quantize(x, granularity="tile", fmt="e4m3", tile=128, pad=False, check_finite=True):
@@ -203,30 +216,22 @@ def quantize(x, granularity="tile", fmt="e4m3", tile=128, pad=False, check_finit
     if x.ndim < grouped_axes:
         raise ShapeError(f"fp8.quantize: {granularity}-wise scaling needs at least {grouped_axes} axes, got shape "
                          f"{tuple(x.shape)}")
-    if check_finite and not bool(xp.isfinite(xp.max(xp.abs(x))) if x.size else True):
-        raise FloatingPointError(f"fp8.quantize: the input of shape {tuple(x.shape)} holds NaN or ±inf; an FP8 "
-                                 "scale cannot be computed from it (look for the overflow upstream)")
     shape = tuple(x.shape)
-    if grouped_axes:
-        short = {axis: -n % tile for axis, n in enumerate(shape) if axis >= x.ndim - grouped_axes}
-        if any(short.values()):
-            if not pad:
-                raise ShapeError(f"fp8.quantize: tile {tile} does not divide the {granularity}-grouped axes of "
-                                 f"shape {shape}; pass pad=True to pad them with zeros, or choose a tile that "
-                                 "divides them")
-            x = xp.pad(x, [(0, short.get(axis, 0)) for axis in range(x.ndim)])
-    if granularity == "tensor":
-        amax = xp.max(xp.abs(x)) if x.size else xp.zeros((), dtype=x.dtype)  # ()
-    elif granularity == "tile":
-        tiles = x.reshape(*x.shape[:-1], x.shape[-1] // tile, tile)  # (..., K/t, t)
-        amax = xp.abs(tiles).max(axis=-1)  # (..., K/t)
-    else:
-        *lead, m, k = x.shape
-        blocks = x.reshape(*lead, m // tile, tile, k // tile, tile)  # (..., M/t, t, K/t, t)
-        amax = xp.abs(blocks).max(axis=(-3, -1))  # (..., M/t, K/t)
+    short = [-n % tile if axis >= x.ndim - grouped_axes else 0 for axis, n in enumerate(shape)]
+    if any(short):
+        if not pad:
+            raise ShapeError(f"fp8.quantize: tile {tile} does not divide the {granularity}-grouped axes of shape "
+                             f"{shape}; pass pad=True to pad them with zeros, or choose a tile that divides them")
+        x = xp.pad(x, [(0, n) for n in short])
+    groups = _groups(x, granularity, tile)
+    group_axes = {"tensor": None, "tile": -1, "block": (-3, -1)}[granularity]
+    amax = xp.abs(groups).max(axis=group_axes) if x.size else xp.zeros((), dtype=x.dtype)  # one per group
+    if check_finite and not bool(xp.isfinite(amax).all()):
+        raise FloatingPointError(f"fp8.quantize: the input of shape {shape} holds NaN or ±inf; an FP8 scale "
+                                 "cannot be computed from it (look for the overflow upstream)")
     tiny = xp.finfo(x.dtype).tiny
     scale = xp.where(amax > 0, xp.maximum(amax / fmt.max, tiny), 1).astype(x.dtype)
-    values = round_to_fp8(x / _scale_per_value(scale, granularity, tile, x.shape), fmt)  # |x/s| ≤ max, ± rounding
+    values = round_to_fp8(groups / _scale_view(scale, granularity), fmt).reshape(x.shape)  # |x/s| ≤ max, ± rounding
     return Quantized(values, scale, granularity, tile, fmt, shape)
 
 
@@ -331,7 +336,7 @@ def simulated_gemm(a, b, accumulator_bits=14, promote_every=128, group_k=4, roun
         raise ShapeError(f"simulated_gemm: expected a (M, K) and b (N, K), got {tuple(a.shape)} and {tuple(b.shape)}")
     if promote_every is not None and promote_every % group_k:
         raise ValueError(f"simulated_gemm: promote_every={promote_every} must be a multiple of group_k={group_k}")
-    a, b = a.astype(xp.float64), b.astype(xp.float64)
+    a, b = a.astype(xp.float64, copy=False), b.astype(xp.float64, copy=False)
     if accumulator_bits is None:
         return a @ b.T
     (m, k), n = a.shape, b.shape[0]
