@@ -149,41 +149,41 @@ GRANULARITIES = ("tensor", "tile", "block")
 
 @dataclass
 class Quantized:
-    """An FP8 tensor: `values` (on the FP8 grid, padded to whole tiles) times `scale`, broadcast per group.
+    """An FP8 tensor: `values` (on the FP8 grid, padded to whole groups) times `scale`, broadcast per group.
 
-    granularity "tensor": scale is 0-d;  "tile": values (..., K'), scale (..., K'/tile), one per 1×tile group
-    along the last axis;  "block": values (..., M', K'), scale (..., M'/tile, K'/tile), one per tile×tile block.
-    `shape` is the original (unpadded) shape."""
+    granularity "tensor": scale is 0-d;  "tile": values (..., K'), scale (..., K'/t), one per 1×t group along
+    the last axis;  "block": values (..., M', K'), scale (..., M'/r, K'/t), one per r×t block. `group` is the
+    group's size along the grouped axes, (t,) or (r, t); `shape` the original (unpadded) shape."""
 
     values: object
     scale: object
     granularity: str
-    tile: int
+    group: tuple
     fmt: FP8Format
     shape: tuple
 
     def scale_per_value(self):
         """The scale of every entry of `values` (same shape)."""
         xp = get_array_module(self.values)
-        grouped = _groups(self.values, self.granularity, self.tile)
+        grouped = _groups(self.values, self.granularity, self.group)
         return xp.broadcast_to(_scale_view(self.scale, self.granularity), grouped.shape).reshape(self.values.shape)
 
     def dequantize(self, dtype=None):
         """values · scale, cropped to the original shape, in `dtype` (default: the values' dtype). In float64 the
         product is exact (a 4-bit times a 24-bit significand)."""
         dtype = dtype or self.values.dtype
-        grouped = _groups(self.values.astype(dtype), self.granularity, self.tile)
+        grouped = _groups(self.values.astype(dtype), self.granularity, self.group)
         full = (grouped * _scale_view(self.scale.astype(dtype), self.granularity)).reshape(self.values.shape)
         return full[tuple(slice(0, n) for n in self.shape)]
 
 
-def _groups(x, granularity, tile):
-    """A view of x with each group on axes of its own: (..., K/t, t) for tiles, (..., M/t, t, K/t, t) for blocks."""
+def _groups(x, granularity, group):
+    """A view of x with each group on axes of its own: (..., K/t, t) for tiles, (..., M/r, r, K/t, t) for blocks."""
     if granularity == "tile":
-        return x.reshape(*x.shape[:-1], x.shape[-1] // tile, tile)
+        return x.reshape(*x.shape[:-1], x.shape[-1] // group[-1], group[-1])
     if granularity == "block":
         *lead, m, k = x.shape
-        return x.reshape(*lead, m // tile, tile, k // tile, tile)
+        return x.reshape(*lead, m // group[0], group[0], k // group[1], group[1])
     return x
 
 
@@ -202,7 +202,8 @@ def quantize(x, granularity="tile", fmt="e4m3", tile=128, pad=False, check_finit
     granularity  "tensor" one scale for everything; "tile" one per 1×tile along the last axis (V3's activations:
                  per token, per 128 channels); "block" one per tile×tile block of the last two axes (V3's weights)
     pad          pad the grouped axes with zeros up to a multiple of `tile` (a group then covers fewer real
-                 values); without it a `tile` that does not divide them is an error
+                 values; an axis shorter than `tile` is one group); without it a `tile` that does not divide them
+                 is an error
     check_finite NaN or ±inf in x raise FloatingPointError (this reads one number back to the host)
 
     An all-zero group gets s = 1 (its values are 0), not 0/0. Returns a `Quantized`."""
@@ -217,13 +218,15 @@ def quantize(x, granularity="tile", fmt="e4m3", tile=128, pad=False, check_finit
         raise ShapeError(f"fp8.quantize: {granularity}-wise scaling needs at least {grouped_axes} axes, got shape "
                          f"{tuple(x.shape)}")
     shape = tuple(x.shape)
-    short = [-n % tile if axis >= x.ndim - grouped_axes else 0 for axis, n in enumerate(shape)]
+    # with padding, an axis shorter than a tile is one group: the same scales as zero-padding it, for less work
+    group = tuple(n if pad and 0 < n < tile else tile for n in shape[x.ndim - grouped_axes:])
+    short = [0] * (x.ndim - grouped_axes) + [-n % size for n, size in zip(shape[x.ndim - grouped_axes:], group)]
     if any(short):
         if not pad:
             raise ShapeError(f"fp8.quantize: tile {tile} does not divide the {granularity}-grouped axes of shape "
                              f"{shape}; pass pad=True to pad them with zeros, or choose a tile that divides them")
         x = xp.pad(x, [(0, n) for n in short])
-    groups = _groups(x, granularity, tile)
+    groups = _groups(x, granularity, group)
     group_axes = {"tensor": None, "tile": -1, "block": (-3, -1)}[granularity]
     amax = xp.abs(groups).max(axis=group_axes) if x.size else xp.zeros((), dtype=x.dtype)  # one per group
     if check_finite and not bool(xp.isfinite(amax).all()):
@@ -232,7 +235,7 @@ def quantize(x, granularity="tile", fmt="e4m3", tile=128, pad=False, check_finit
     tiny = xp.finfo(x.dtype).tiny
     scale = xp.where(amax > 0, xp.maximum(amax / fmt.max, tiny), 1).astype(x.dtype)
     values = round_to_fp8(groups / _scale_view(scale, granularity), fmt).reshape(x.shape)  # |x/s| ≤ max, ± rounding
-    return Quantized(values, scale, granularity, tile, fmt, shape)
+    return Quantized(values, scale, granularity, group, fmt, shape)
 
 
 # ==============================================================================================================

@@ -112,6 +112,16 @@ def test_zero_groups_get_scale_one_and_padding_crops_back():
     assert np.array_equal(q.values, padded)
 
 
+@pytest.mark.parametrize("granularity, shape", [("tile", (3, 10)), ("block", (5, 40)), ("block", (40, 7))])
+def test_an_axis_shorter_than_a_tile_is_one_group_as_if_zero_padded(granularity, shape):
+    x = np.random.default_rng(10).standard_normal(shape).astype(np.float32)
+    rows, cols = shape
+    padded = np.pad(x, ((0, -rows % 16 if granularity == "block" else 0), (0, -cols % 16)))
+    values, scales = reference_quantize(padded, granularity, 16)
+    expected = (values.astype(np.float64) * scales)[:rows, :cols]
+    assert np.array_equal(fp8.quantize(x, granularity, tile=16, pad=True).dequantize(np.float64), expected)
+
+
 def test_quantize_errors_are_clear():
     x = np.ones((4, 6), np.float32)
     with pytest.raises(ShapeError, match=r"tile 4 does not divide .*\(4, 6\).*pad=True"):
