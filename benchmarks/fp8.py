@@ -11,7 +11,7 @@
     python -m benchmarks.fp8 memory         the bytes FP8 saves at V3's size, computed from its published config
     python -m benchmarks.fp8 all            the four
 
---json PATH writes the rows; --plots DIR draws the quantization chart and the training loss curves. The training
+--json PATH writes the rows; --plots DIR draws the quantization and GEMM charts and the training loss curves. The training
 table is slow on a CPU (the FP8 simulation rounds every GEMM input and every 4-product partial sum): about ten
 times float32's step time. Run it with one BLAS thread (`OPENBLAS_NUM_THREADS=1`) and `nice` on a shared machine.
 """
@@ -142,6 +142,29 @@ def gemm(ks=(128, 256, 512, 1024, 2048, 4096), size=64, group_ks=(4,), seed=0):
                     row[name] = float(np.abs(c - exact).max() / np.abs(exact).max())
                 rows.append(row)
     return rows
+
+
+def plot_gemm(rows, path, group_k=4):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for inputs in dict.fromkeys(r["inputs"] for r in rows):
+        chosen = [r for r in rows if r["inputs"] == inputs and r["group_k"] == group_k]
+        for column, style in (("no_promotion", "o-"), ("promote_every_128", "s--")):
+            ax.plot([r["K"] for r in chosen], [r[column] for r in chosen], style,
+                    label=f"{inputs}, {column.replace('_', ' ')}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("K")
+    ax.set_ylabel("max |C − C_exact| / max |C_exact|")
+    ax.set_title(f"FP8 GEMM, 14-bit truncating accumulator ({group_k} products per add)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # ==============================================================================================================
@@ -289,7 +312,7 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (training)")
     parser.add_argument("--variants", default="float32,fp8 v3,fp8 per-tensor", help=f"comma-separated, of {list(VARIANTS)}")
     parser.add_argument("--json", metavar="PATH", help="write every table's rows as JSON")
-    parser.add_argument("--plots", metavar="DIR", help="draw the quantization chart and the loss curves there")
+    parser.add_argument("--plots", metavar="DIR", help="draw the charts and the loss curves there")
     args = parser.parse_args(argv)
     what = ["quantization", "gemm", "training", "memory"] if args.what == "all" else [args.what]
     results = {}
@@ -307,6 +330,8 @@ def main(argv=None):
         results["gemm"] = rows = gemm(group_ks=(1, 4, 32))
         _print("(2) GEMM: max |C − C_exact| / max |C_exact|, 64×K by K×64, 14-bit truncating accumulator", rows,
                [("inputs", 15), ("K", 5), ("group_k", 7), ("no_promotion", 12), ("promote_every_128", 17)])
+        if args.plots:
+            plot_gemm(rows, os.path.join(args.plots, "fp8_gemm.png"))
     if "training" in what:
         variants = [v.strip() for v in args.variants.split(",")]
         unknown = sorted(set(variants) - set(VARIANTS))

@@ -310,3 +310,13 @@ def test_old_configs_load_and_bad_fp8_options_are_refused():
     assert type(model.layers[0].attn.wq).__name__ == "FP8Linear"
     with pytest.raises(ValueError, match="has no module 'layers.9.ffn'"):
         fp8.use_fp8(model, modules=["layers.9.ffn"])
+
+
+def test_fp8_linear_layer_and_the_v3_parameter_count():
+    from benchmarks import fp8 as measurements
+
+    layer = fp8.FP8Linear(20, 6, recipe="per_tensor")
+    y = layer(minimoe.randn(3, 4, 20))
+    assert y.shape == (3, 4, 6) and "fp8=per_tensor" in repr(layer)
+    total = sum(measurements.v3_parameters().values())
+    assert abs(total - 671e9) < 0.5e9, total  # the report: 671B parameters (the MTP module not included)
