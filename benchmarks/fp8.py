@@ -11,15 +11,15 @@
     python -m benchmarks.fp8 memory         the bytes FP8 saves at V3's size, computed from its published config
     python -m benchmarks.fp8 all            the four
 
---json PATH writes the rows; --plots DIR draws the quantization and GEMM charts and the training loss curves. The training
-table is slow on a CPU (the FP8 simulation rounds every GEMM input and every 4-product partial sum): about ten
-times float32's step time. Run it with one BLAS thread (`OPENBLAS_NUM_THREADS=1`) and `nice` on a shared machine.
+--json PATH writes the rows; --plots DIR draws the quantization and GEMM charts and the training loss curves.
+The training table is slow on a CPU (the simulation rounds every GEMM input, and every 4-product partial sum): a step
+takes ~7x float32's CPU time with the 14-bit accumulator, ~2.5x with exact sums (the "exact-sum" variants). Run it
+with one BLAS thread (`OPENBLAS_NUM_THREADS=1`) and `nice` on a shared machine.
 """
 
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -276,10 +276,11 @@ def memory(sequence=4096):
     gib = 2 ** 30
     rows = [{"item": f"parameters: {name}", "count": n} for name, n in params.items()]
     rows.append({"item": "parameters: total", "count": total})
-    for item, n, per_value in [("weights V3 runs in FP8 (all GEMMs but embedding, head, gates)", fp8_weights, per_block),
-                               ("weights of the FFNs only (this repository's switch)", ffn_weights, per_block),
-                               ("all weights, for inference (the rest kept BF16)", total, None),
-                               (f"FFN inputs cached for backward, {sequence} tokens × 58 MoE layers", cached, per_tile)]:
+    stored = [("weights V3 runs in FP8 (all GEMMs but embedding, head, gates)", fp8_weights, per_block),
+              ("weights of the FFNs only (this repository's switch)", ffn_weights, per_block),
+              ("all weights, for inference (the rest kept BF16)", total, None),
+              (f"FFN inputs cached for backward, {sequence} tokens × 58 MoE layers", cached, per_tile)]
+    for item, n, per_value in stored:
         bf16 = 2 * n
         fp8_bytes = n * per_value if per_value else fp8_weights * per_block + 2 * (total - fp8_weights)
         rows.append({"item": item, "count": n, "bf16_GiB": bf16 / gib, "fp8_GiB": fp8_bytes / gib,
@@ -310,7 +311,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=1000, help="pretraining steps per run (training)")
     parser.add_argument("--batch-size", type=int, default=128, help="problems per step (training)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (training)")
-    parser.add_argument("--variants", default="float32,fp8 v3,fp8 per-tensor", help=f"comma-separated, of {list(VARIANTS)}")
+    parser.add_argument("--variants", default="float32,fp8 v3,fp8 per-tensor",
+                        help=f"comma-separated, of {list(VARIANTS)}")
     parser.add_argument("--json", metavar="PATH", help="write every table's rows as JSON")
     parser.add_argument("--plots", metavar="DIR", help="draw the charts and the loss curves there")
     args = parser.parse_args(argv)

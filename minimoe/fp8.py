@@ -33,9 +33,8 @@ import math
 from dataclasses import dataclass
 
 import ml_dtypes
-import numpy as np
 
-from .autograd import Function, ShapeError, Tensor
+from .autograd import Function, ShapeError
 from .backend import NumpyBackend, get_array_module
 from .nn.module import Linear, Module
 
