@@ -174,6 +174,7 @@ def plot_gemm(rows, path, group_k=4):
 EXACT_SUM = {"accumulator_bits": None}
 VARIANTS = {
     "float32": None,
+    "float64": "float64",  # the noise floor: how far 1e-7-sized rounding differences alone move the final loss
     "fp8 v3": fp8.RECIPES["v3"],  # 1×128 tiles, 128×128 blocks, 14-bit accumulator promoted every 128
     "fp8 per-tensor": fp8.RECIPES["per_tensor"],
     # the same quantization with exact sums: 3-4x faster to simulate
@@ -193,11 +194,13 @@ def training(seeds=(0, 1, 2), steps=1000, variants=tuple(VARIANTS), batch_size=1
     for seed in seeds:
         reference = None
         for name in variants:
+            dtype = minimoe.set_default_dtype("float64" if name == "float64" else "float32")
             minimoe.manual_seed(seed)
             model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size))
-            if VARIANTS[name] is not None:
+            if isinstance(VARIANTS[name], fp8.FP8Recipe):
                 fp8.use_fp8(model, VARIANTS[name])
             history = pretrain(model, task, dataclasses.replace(config, seed=seed), tokenizer, progress=progress)
+            minimoe.set_default_dtype(dtype)
             loss = history["eval"][-1]["heldout_loss"]
             reference = loss if name == "float32" else reference
             rows.append({"seed": seed, "variant": name, "steps": steps, "batch_size": batch_size, "heldout_loss": loss,
