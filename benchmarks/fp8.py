@@ -192,7 +192,6 @@ def training(seeds=(0, 1, 2), steps=1000, variants=tuple(VARIANTS), batch_size=1
                             checkpoint_every=0)
     rows = []
     for seed in seeds:
-        reference = None
         for name in variants:
             dtype = minimoe.set_default_dtype("float64" if name == "float64" else "float32")
             minimoe.manual_seed(seed)
@@ -201,33 +200,53 @@ def training(seeds=(0, 1, 2), steps=1000, variants=tuple(VARIANTS), batch_size=1
                 fp8.use_fp8(model, VARIANTS[name])
             history = pretrain(model, task, dataclasses.replace(config, seed=seed), tokenizer, progress=progress)
             minimoe.set_default_dtype(dtype)
-            loss = history["eval"][-1]["heldout_loss"]
-            reference = loss if name == "float32" else reference
-            rows.append({"seed": seed, "variant": name, "steps": steps, "batch_size": batch_size, "heldout_loss": loss,
-                         "relative_error": None if reference is None or name == "float32"
-                         else abs(loss - reference) / reference,
-                         "seconds": round(history["seconds"], 1), "curve": history["lm_loss"]})
-            print(f"  seed {seed} {name:>24}: held-out loss {loss:.4f}  ({history['seconds']:.0f} s)", flush=True)
+            rows.append({"seed": seed, "variant": name, "steps": steps, "batch_size": batch_size,
+                         "heldout_loss": history["eval"][-1]["heldout_loss"], "seconds": round(history["seconds"], 1),
+                         "curve": history["lm_loss"]})
+            print(f"  seed {seed} {name:>24}: held-out loss {rows[-1]['heldout_loss']:.4f}  "
+                  f"({history['seconds']:.0f} s)", flush=True)
+    return compare_with_float32(rows)
+
+
+def compare_with_float32(rows):
+    """Add to each row its relative error against the float32 run of the same seed: of the final held-out loss
+    ("relative_error", the signed difference in "signed_error"), and of the mean training loss over the last 20
+    steps ("train_relative_error"; a mean over batches, less noisy than one evaluation)."""
+    reference = {row["seed"]: row for row in rows if row["variant"] == "float32"}
+    for row in rows:
+        base = reference[row["seed"]]
+        row["train_loss_last20"] = float(np.mean(row["curve"][-20:]))
+        base_train = float(np.mean(base["curve"][-20:]))
+        signed = (row["heldout_loss"] - base["heldout_loss"]) / base["heldout_loss"]
+        is_reference = row is base
+        row["signed_error"] = None if is_reference else signed
+        row["relative_error"] = None if is_reference else abs(signed)
+        row["train_relative_error"] = None if is_reference else abs(row["train_loss_last20"] - base_train) / base_train
     return rows
 
 
 def plot_training(rows, path):
+    """Seed 0's loss curves (20-step means), and each FP8 run's relative difference from float32's, step by step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     seed = rows[0]["seed"]
-    for row in rows:
-        if row["seed"] == seed:
-            curve = np.convolve(row["curve"], np.ones(20) / 20, mode="valid")  # 20-step moving average
-            ax.plot(np.arange(len(curve)) + 20, curve, label=row["variant"])
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (20-step mean)")
-    ax.set_yscale("log")
-    ax.set_title(f"demo model, seed {seed}: float32 vs simulated FP8")
-    ax.legend()
+    runs = {row["variant"]: np.convolve(row["curve"], np.ones(20) / 20, mode="valid") for row in rows
+            if row["seed"] == seed}
+    steps = np.arange(len(runs["float32"])) + 20
+    for name, curve in runs.items():
+        left.plot(steps, curve, label=name)
+        if name != "float32":
+            right.plot(steps, (curve - runs["float32"]) / runs["float32"], label=name)
+    left.set(xlabel="step", ylabel="training loss (20-step mean)", yscale="log",
+             title=f"demo model, seed {seed}: float32 vs simulated FP8")
+    right.set(xlabel="step", ylabel="(loss − float32's) / float32's", title="relative difference, same batches")
+    right.axhline(0, color="gray", linewidth=0.5)
+    left.legend()
+    right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -349,11 +368,15 @@ def main(argv=None):
         rows = training(args.seeds, args.steps, variants, args.batch_size)
         results["training"] = rows
         table = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
-        _print("final held-out loss", table, [("seed", 4), ("variant", 24), ("steps", 5), ("heldout_loss", 12),
-                                              ("relative_error", 14), ("seconds", 8)])
+        _print("final held-out loss, and the mean training loss of the last 20 steps", table,
+               [("seed", 4), ("variant", 24), ("steps", 5), ("heldout_loss", 12), ("relative_error", 14),
+                ("signed_error", 12), ("train_loss_last20", 17), ("train_relative_error", 20), ("seconds", 8)])
         for name in variants[1:]:
             errors = [r["relative_error"] for r in rows if r["variant"] == name]
-            print(f"  {name}: mean relative error {np.mean(errors):.4%}, max {np.max(errors):.4%}")
+            signed = [r["signed_error"] for r in rows if r["variant"] == name]
+            train = [r["train_relative_error"] for r in rows if r["variant"] == name]
+            print(f"  {name}: held-out loss |relative error| mean {np.mean(errors):.3%}, max {np.max(errors):.3%} "
+                  f"(signed mean {np.mean(signed):+.3%}); last-20-steps training loss: mean {np.mean(train):.3%}")
         if args.plots:
             plot_training(rows, os.path.join(args.plots, "fp8_training.png"))
     if "memory" in what:
