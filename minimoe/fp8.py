@@ -24,6 +24,12 @@ This module simulates all of it on NumPy or CuPy:
 The rounding is exact: on NumPy it is ml_dtypes' cast to `float8_e4m3fn`; elsewhere (CuPy has no FP8 dtype) an
 emulation with array ops, tested to agree bit for bit. Values are held in float32/float64 arrays whose entries
 lie on the FP8 grid: we simulate the arithmetic, not the storage.
+
+Simplified, against the report: `use_fp8` switches the feed-forward GEMMs only by default (V3 also runs the
+attention projections in FP8; `strict=False` allows them); Wgrad re-quantizes x along the tokens from its FP32
+copy instead of transposing a cached FP8 copy; scales are any float (not powers of two); the optimizer's moments
+stay FP32 (V3: BF16); how the tensor core groups products before rounding (4 here) is an assumption, not a
+published figure.
 """
 
 import dataclasses
