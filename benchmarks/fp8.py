@@ -237,10 +237,10 @@ def plot_training(rows, path):
     runs = {row["variant"]: np.convolve(row["curve"], np.ones(20) / 20, mode="valid") for row in rows
             if row["seed"] == seed}
     steps = np.arange(len(runs["float32"])) + 20
-    for name, curve in runs.items():
-        left.plot(steps, curve, label=name)
+    for i, (name, curve) in enumerate(runs.items()):
+        left.plot(steps, curve, label=name, color=f"C{i}")
         if name != "float32":
-            right.plot(steps, (curve - runs["float32"]) / runs["float32"], label=name)
+            right.plot(steps, (curve - runs["float32"]) / runs["float32"], label=name, color=f"C{i}")
     left.set(xlabel="step", ylabel="training loss (20-step mean)", yscale="log",
              title=f"demo model, seed {seed}: float32 vs simulated FP8")
     right.set(xlabel="step", ylabel="(loss − float32's) / float32's", title="relative difference, same batches")
