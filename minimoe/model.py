@@ -125,8 +125,8 @@ class ModelConfig(Config):
         check.integer("n_mtp_modules", minimum=0)  # D, the number of MTP modules
         check.real("mtp_loss_weight", minimum=0)  # λ
         check.real("mtp_loss_weight_final", minimum=0, optional=True)
-        if c.fp8 is not None:
-            check.choice("fp8", tuple(sorted(RECIPES)))
+        if c.fp8 is not None and c.fp8 not in RECIPES:
+            check.fail("fp8", f"fp8={c.fp8!r} must be None or one of {sorted(RECIPES)}")
         check.done()
 
     def to_json(self):
