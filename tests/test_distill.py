@@ -87,3 +87,114 @@ def test_parse_addition_steps():
 def test_consistency_rejects_a_non_string():
     with pytest.raises(TypeError, match="addition_consistency"):
         addition_consistency(None, OPERANDS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rejection sampling, on a stub policy whose outputs are known
+
+import numpy as np  # noqa: E402
+
+from minimoe.distill import rejection_sample, sft, SFTConfig  # noqa: E402
+from minimoe.tasks import AdditionTask, Corpus, Tokenizer  # noqa: E402
+
+TASK = AdditionTask(3)
+P1, P2 = TASK.problem(347, 589), TASK.problem(123, 456)  # 936 and 579
+STUB = {
+    P1.prompt: [response(WORK) + "<pad>", response(WORK), response("7+9=16 4+8=12 3+5+1=9"),  # right, right, lucky
+                response(WORK, end="")],                                                        # truncated
+    P2.prompt: ["<answer>579</answer><eos>", response("3+6=9 2+5=7 1+4=5", "578"),  # direct, wrong answer
+                response("3+6=9 2+5=7 1+4=5", "579"), "<think>3+6=9<eos>"],           # accepted, malformed
+}
+
+
+def stub_policy(problems, k):
+    assert k == 4
+    return [text for p in problems for text in STUB[p.prompt]]
+
+
+def test_rejection_sampling_keeps_exactly_the_right_consistent_responses():
+    result = rejection_sample(stub_policy, TASK, [P1, P2], k=4)
+    assert result.accepted.tolist() == [2, 1]
+    assert result.kept.tolist() == [1, 1]  # P1's two right answers are one text once <eos> ends them
+    assert result.reasons == {"accepted": 3, "malformed": 3, "wrong": 1, "inconsistent": 1}
+    assert result.acceptance_rate == 3 / 8
+    assert result.prompt_coverage == 1.0
+    assert result.corpus.prompts == ["<bos>347+589=", "<bos>123+456="]
+    assert result.corpus.completions == [response(WORK), response("3+6=9 2+5=7 1+4=5", "579")]
+    summary = result.summary()
+    assert summary["accepted_per_prompt"] == [0, 1, 1, 0, 0] and summary["corpus_size"] == 2
+
+
+def test_rejection_sampling_can_keep_duplicates_and_counts_uncovered_prompts():
+    result = rejection_sample(stub_policy, TASK, [P1, P2, P1], k=4, unique=False)
+    assert result.kept.tolist() == [2, 1, 2]
+    assert len(result.corpus) == 5
+    only_wrong = rejection_sample(lambda problems, k: [response(WORK, "1")] * (len(problems) * k), TASK, [P1], k=4)
+    assert only_wrong.prompt_coverage == 0.0 and len(only_wrong.corpus) == 0
+    assert only_wrong.reasons["wrong"] == 4
+
+
+def test_rejection_sampling_refuses_bad_input():
+    with pytest.raises(ValueError, match="k must be"):
+        rejection_sample(stub_policy, TASK, [P1], k=0)
+    with pytest.raises(ValueError, match="returned 3 responses"):
+        rejection_sample(lambda problems, k: ["x"] * 3, TASK, [P1], k=4)
+    with pytest.raises(ValueError, match="addition"):
+        from minimoe.tasks import CountdownTask
+        rejection_sample(stub_policy, CountdownTask(), [P1], k=4)
+
+
+def test_rejection_sampling_from_a_model_samples_k_per_prompt():
+    import minimoe
+    from minimoe.model import ModelConfig, Transformer
+
+    minimoe.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=26, dim=16, n_layers=1, n_heads=2, ffn="dense", inter_dim=16))
+    result = rejection_sample(model, TASK, [P1, P2, P1], k=3, max_new_tokens=8)
+    assert sum(result.reasons.values()) == 9
+    assert result.accepted.shape == (3,)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SFT: the loss is the completion tokens' alone
+
+def test_sft_loss_counts_only_completion_tokens():
+    import minimoe
+    from minimoe.model import ModelConfig, Transformer
+
+    minimoe.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=26, dim=16, n_layers=1, n_heads=2, ffn="dense", inter_dim=16))
+    tokenizer = Tokenizer()
+    prompts = ["<bos>347+589=", "<bos>12+3="]
+    completions = [response(WORK), "<answer>15</answer><eos>"]
+    corpus = Corpus([P1, P1], ["sampled"] * 2, prompts, completions)
+
+    # by hand: -log p of every completion token given everything before it, averaged over completion tokens
+    nll, all_tokens = [], []
+    for prompt, completion in zip(prompts, completions):
+        p_ids, c_ids = tokenizer.encode(prompt), tokenizer.encode(completion)
+        ids = p_ids + c_ids
+        logits = np.asarray(model(minimoe.backend.get_backend().asarray(np.array([ids[:-1]]))).data)[0]
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        token_nll = -logp[np.arange(len(ids) - 1), ids[1:]]  # position t predicts token t + 1
+        nll += token_nll[len(p_ids) - 1:].tolist()  # the first completion token is predicted at len(prompt) - 1
+        all_tokens += token_nll.tolist()
+    expected = np.mean(nll)
+    assert abs(expected - np.mean(all_tokens)) > 1e-3  # the prompt would change the loss: the test can tell
+
+    history = sft(model, corpus, SFTConfig(steps=1, batch_size=8, warmup_steps=0))
+    assert abs(history["loss"][0] - expected) < 1e-5
+
+
+def test_sft_learns_its_corpus_and_refuses_an_empty_one():
+    import minimoe
+    from minimoe.model import ModelConfig, Transformer
+
+    minimoe.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=26, dim=16, n_layers=1, n_heads=2, ffn="dense", inter_dim=32))
+    corpus = Corpus([P1], ["sampled"], ["<bos>347+589="], [response(WORK)])
+    history = sft(model, corpus, SFTConfig(steps=60, batch_size=1, lr=1e-2, warmup_steps=0))
+    assert history["loss"][-1] < 0.2 * history["loss"][0]
+    with pytest.raises(ValueError, match="empty"):
+        sft(model, Corpus([], [], [], []))
