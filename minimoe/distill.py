@@ -497,3 +497,57 @@ def reward_hacking_run(model, judge, grpo_config=None, tokenizer=None, n_samples
                          for p, t in zip(problems, texts)]
     curves["seconds"] = history["seconds"]
     return curves
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# saving and plotting
+# ---------------------------------------------------------------------------------------------------------------
+
+def save_distillation_models(result, out_dir, names=("student_base", "arm_a_grpo", "arm_b_sft", "arm_c_sft_grpo")):
+    """Save the student base and the three arms' models (weights only) as `<out_dir>/<name>.npz`."""
+    import os
+
+    from .checkpoint import save_checkpoint
+
+    for name, key in zip(names, ("student", "a", "b", "c")):
+        save_checkpoint(os.path.join(out_dir, name), result["models"][key])
+
+
+def plot_distillation(result, path=None):
+    """Left: held-out metrics per arm (and the teacher's). Right: the arms' training curves against wall time."""
+    import matplotlib
+
+    if path:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    metrics = ("accuracy", "pass_at_1", "pass_at_k", "consistency")
+    figure, (bars, curves) = plt.subplots(1, 2, figsize=(13, 4.2))
+    width = 0.8 / len(rows)
+    for i, row in enumerate(rows):
+        bars.bar(np.arange(len(metrics)) + i * width, [row[m] for m in metrics], width, label=row["arm"])
+    bars.set_xticks(np.arange(len(metrics)) + 0.4 - width / 2, ["greedy accuracy", "pass@1", "pass@k",
+                                                                "consistency"])
+    bars.set_ylim(0, 1)
+    bars.set_title("held-out metrics")
+    bars.legend(fontsize=8)
+    histories = result["histories"]
+    for key, label in (("a_grpo", "(a) GRPO"), ("c_grpo", "(c) GRPO after SFT")):
+        steps = histories[key]["steps"]
+        seconds = np.linspace(0, histories[key]["seconds"], len(steps) + 1)[1:]
+        offset = histories["c_sft"]["seconds"] if key == "c_grpo" else 0.0
+        curves.plot(seconds + offset, [s["accuracy"] for s in steps], label=f"{label}: batch accuracy")
+    for key, label in (("b_sft", "(b) SFT"), ("c_sft", "(c) SFT")):
+        loss = histories[key]["loss"]
+        curves.plot(np.linspace(0, histories[key]["seconds"], len(loss) + 1)[1:], np.exp(-np.array(loss)),
+                    "--", label=f"{label}: exp(-loss), per-token probability")
+    curves.set_xlabel("seconds of training (matched budget per arm)")
+    curves.set_ylim(0, 1)
+    curves.set_title("training")
+    curves.legend(fontsize=8)
+    figure.tight_layout()
+    if path:
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+    return figure
