@@ -198,3 +198,127 @@ def test_sft_learns_its_corpus_and_refuses_an_empty_one():
     assert history["loss"][-1] < 0.2 * history["loss"][0]
     with pytest.raises(ValueError, match="empty"):
         sft(model, Corpus([], [], [], []))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the loosened rules, and GRPO exploiting one
+
+from pathlib import Path  # noqa: E402
+
+from minimoe.distill import LoosenedTask, first_number_judge, self_consistency_judge  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1] / "lessons" / "data"
+
+
+def test_loosened_judges_pay_what_the_strict_rule_refuses():
+    lucky_wrong = response("7+9=16 4+8=12 3+5=9", "926")  # two carries dropped, the answer follows the steps
+    assert self_consistency_judge(P1, lucky_wrong) == 1.0 and TASK.reward(P1, lucky_wrong).accuracy == 0.0
+    assert self_consistency_judge(P1, response(WORK, "926")) == 0.0  # the answer must follow the written steps
+    assert self_consistency_judge(P1, "<answer>936</answer><eos>") == 0.0  # no steps, nothing to follow
+    assert first_number_judge(P1, "936<eos>") == 1.0 and TASK.reward(P1, "936<eos>").accuracy == 0.0
+    assert first_number_judge(P1, response(WORK)) == 0.0  # a right worked solution starts with "7"
+    task = LoosenedTask(self_consistency_judge)
+    assert task.reward(P1, lucky_wrong).accuracy == 1.0 and task.true_accuracy == [0.0]
+
+
+def test_grpo_exploits_a_self_consistency_judge():
+    """From the committed base: within 25 GRPO steps the policy learns that a judge which only checks that the
+    answer follows from the written steps pays for wrong steps too. Paid reward up, true accuracy not up."""
+    import minimoe
+    from minimoe.checkpoint import load_checkpoint
+    from minimoe.distill import reward_hacking_run
+    from minimoe.rl import GRPOConfig
+
+    minimoe.manual_seed(0)
+    model = load_checkpoint(DATA / "base_addition3", restore_random_state=False)[0]
+    run = reward_hacking_run(model, self_consistency_judge, GRPOConfig(steps=25, log_kl=False), n_samples=8)
+    loose, true = np.array(run["loose_reward"]), np.array(run["true_accuracy"])
+    assert loose[-5:].mean() > loose[:5].mean() + 0.3
+    assert true[-5:].mean() <= true[:5].mean() + 0.02
+    exploits = [s for s in run["samples"] if s["loose"] == 1.0 and s["true"] == 0.0]
+    assert exploits, run["samples"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `python -m minimoe distill`, end to end on a tiny configuration, and its refusals
+
+import json  # noqa: E402
+
+from minimoe.cli import main  # noqa: E402
+
+TINY = {"pretrain": {"steps": 3, "warmup_steps": 1, "eval_every": 0, "batch_size": 8},
+        "grpo": {"prompts_per_step": 2, "group_size": 2, "warmup_steps": 1},
+        "eval": {"n_problems": 4, "n_samples": 2, "k": 2},
+        "distill": {"n_prompts": 8, "k": 2, "arm_seconds": 0, "grpo_steps": 2, "sft_steps": 2, "sft_batch_size": 4}}
+TEACHER = str(DATA / "teacher_addition3")
+
+
+def write_config(tmp_path, config):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def test_distill_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    main(["distill", "--teacher", TEACHER, "--out", str(out), "--config", write_config(tmp_path, TINY), "--quiet"])
+    summary = json.loads((out / "summary.json").read_text())
+    arms = [row["arm"] for row in summary["arms"]]
+    assert arms == ["teacher", "student base", "(a) GRPO", "(b) SFT on teacher", "(c) SFT then GRPO"]
+    keys = {"arm", "pass_at_1", "accuracy", "pass_at_k", "mean_length", "consistency", "seconds",
+            "activated_parameters"}
+    for row in summary["arms"]:
+        assert keys <= set(row)
+        assert all(0 <= row[key] <= 1 for key in ("pass_at_1", "accuracy", "pass_at_k", "consistency"))
+    teacher, student = summary["arms"][0], summary["arms"][1]
+    assert student["activated_parameters"] <= teacher["activated_parameters"] / 4
+    assert teacher["accuracy"] > 0.5  # the committed teacher is the RL-trained demo model
+    assert summary["rejection"]["responses"] == 16 and summary["steps"] == {"grpo": 2, "sft": 2, "c_sft": 1,
+                                                                             "c_grpo": 1}
+    for name in ("distillation.png", "student_base.npz", "arm_a_grpo.npz", "arm_b_sft.npz", "arm_c_sft_grpo.npz"):
+        assert (out / name).stat().st_size > 0, name
+    with pytest.raises(SystemExit):  # the folder holds a run now
+        main(["distill", "--teacher", TEACHER, "--out", str(out), "--config", write_config(tmp_path, TINY)])
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def refused(tmp_path, capsys, argv):
+    out = tmp_path / "refused"
+    with pytest.raises(SystemExit) as stop:
+        main(["distill", "--out", str(out), "--quiet", *argv])
+    assert stop.value.code == 2
+    assert not (out / "student_base.npz").exists() and not (out / "summary.json").exists()  # no work done
+    return capsys.readouterr().err
+
+
+def test_distill_refuses_a_missing_teacher(tmp_path, capsys):
+    error = refused(tmp_path, capsys, ["--teacher", str(tmp_path / "nope")])
+    assert "nope" in error
+
+
+def test_distill_refuses_a_student_larger_than_the_teacher(tmp_path, capsys):
+    config = {**TINY, "model": {"dim": 128, "inter_dim": 512}}
+    error = refused(tmp_path, capsys, ["--teacher", TEACHER, "--config", write_config(tmp_path, config)])
+    assert "more than the teacher's" in error and "activated parameters" in error
+
+
+def test_distill_refuses_a_teacher_that_cannot_hold_a_response(tmp_path, capsys):
+    from minimoe.checkpoint import save_checkpoint
+    from minimoe.model import ModelConfig, Transformer
+
+    save_checkpoint(tmp_path / "short", Transformer(ModelConfig(vocab_size=26, max_seq_len=24)))
+    error = refused(tmp_path, capsys, ["--teacher", str(tmp_path / "short"), "--config",
+                                       write_config(tmp_path, TINY)])
+    assert "teacher's max_seq_len=24" in error
+
+
+def test_distill_refuses_an_empty_corpus_after_filtering(tmp_path, capsys):
+    import minimoe
+    from minimoe.checkpoint import save_checkpoint
+    from minimoe.model import ModelConfig, Transformer
+
+    minimoe.manual_seed(0)
+    save_checkpoint(tmp_path / "untrained", Transformer(ModelConfig(vocab_size=26)))  # writes nothing well-formed
+    error = refused(tmp_path, capsys, ["--teacher", str(tmp_path / "untrained"), "--config",
+                                       write_config(tmp_path, TINY)])
+    assert "accepted none of the teacher's 16 responses" in error
