@@ -209,7 +209,7 @@ def test_every_flag_is_checked_by_the_parser(argv, expected, capsys):
 
 @pytest.mark.parametrize("content, expected", [
     ('{"pretrain": {\n  "steps": 3,\n}}', "not valid JSON at line 3, column 1"),
-    ("[1, 2, 3]", "expected a JSON object of sections (model, pretrain, grpo, eval, task), got an array"),
+    ("[1, 2, 3]", "expected a JSON object of sections (model, pretrain, grpo, eval, task, distill), got an array"),
     ({"modle": {}}, "unknown section(s) ['modle']; the sections are ['model', 'pretrain', 'grpo', 'eval', 'task', 'distill']"),
     ({"model": [1]}, 'section "model" must be an object of fields, got [1]'),
     ({"task": "addition5"}, "\"task\" must be one of ['addition3', 'addition4', 'countdown'], got 'addition5'"),
