@@ -320,7 +320,7 @@ def test_a_library_error_is_one_line_with_exit_status_2_and_debug_keeps_the_trac
     result = run_cli("train", "--config", path, cwd=tmp_path)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == f"minimoe: error: --config {path}: expected a JSON object of sections (model, " \
-                            "pretrain, grpo, eval, task), got an array\n"
+                            "pretrain, grpo, eval, task, distill), got an array\n"
     result = run_cli("eval", "--checkpoint", str(tmp_path / "missing"), "--debug", cwd=tmp_path)
     assert result.returncode == 1 and "Traceback (most recent call last)" in result.stderr
     assert "CheckpointError" in result.stderr
