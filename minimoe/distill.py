@@ -253,8 +253,9 @@ class DistillConfig(Config):
     configurations).
 
     n_prompts, k          -- teacher traces: k samples for each of n_prompts training problems, filtered
-    arm_seconds           -- the matched wall-clock budget of each arm; steps per arm are set from the measured
-                             seconds per step (a few calibration steps); 0: use grpo_steps / sft_steps as given
+    arm_seconds           -- the matched budget of each arm, in CPU seconds (wall seconds on a quiet machine, one
+                             BLAS thread); steps per arm are set from the CPU seconds per step measured in a few
+                             calibration steps; 0: use grpo_steps / sft_steps as given
     grpo_steps, sft_steps -- the steps of each arm when arm_seconds is 0
     sft_share             -- arm (c)'s share of the budget spent on SFT (the rest on GRPO)
     max_activated_ratio   -- refuse a student with more activated parameters than this times the teacher's"""
@@ -311,11 +312,14 @@ def _clone(model):
 
 
 def _seconds_per_step(train, model, steps=3):
-    """Seconds per step of `train(model_copy, steps)`, from a short run on a throwaway copy (the first step,
-    which warms caches, is included: a slight overestimate, the safe side of a budget)."""
-    started = time.perf_counter()
+    """CPU seconds per step of `train(model_copy, steps)`, from a short run on a throwaway copy (the first step,
+    which warms caches, is included: a slight overestimate, the safe side of a budget).
+
+    The budget is counted in this process's CPU time, not in wall time: on a machine shared with other jobs the
+    wall clock measures the queue, CPU time the work. With one BLAS thread on a quiet machine the two agree."""
+    started = time.process_time()
     train(_clone(model), steps)
-    return (time.perf_counter() - started) / steps
+    return (time.process_time() - started) / steps
 
 
 def check_distillation(teacher, student_model_config, task, tokenizer, config, grpo_config, eval_settings):
@@ -368,11 +372,14 @@ def run_distillation(teacher, task, student_model_config, pretrain_config, grpo_
         raise DistillError(f"distill: rejection sampling accepted none of the teacher's {len(problems) * config.k} "
                            f"responses (reasons: {traces.reasons}); the teacher cannot teach this task")
 
-    pretrain_seconds = 0.0
+    pretrain_seconds = pretrain_cpu = 0.0
     if student is None:
+        pretrain_cpu = time.process_time()
         student = Transformer(student_model_config)
         pretrain_seconds = pretrain(student, task, pretrain_config, tokenizer, progress=progress)["seconds"]
-        log(f"student pretrained: {pretrain_config.steps} steps in {pretrain_seconds:.0f} s")
+        pretrain_cpu = time.process_time() - pretrain_cpu
+        log(f"student pretrained: {pretrain_config.steps} steps in {pretrain_seconds:.0f} s "
+            f"({pretrain_cpu:.0f} CPU s)")
     student.eval()
 
     def sft_config(steps):
@@ -405,27 +412,26 @@ def run_distillation(teacher, task, student_model_config, pretrain_config, grpo_
     measure_kwargs = {**eval_settings, "seed": 1234}
     rows, histories = [], {}
     rows.append(_row("teacher", measure(teacher, task, tokenizer, **measure_kwargs), None, teacher_active))
-    rows.append(_row(ARMS[0], measure(student, task, tokenizer, **measure_kwargs), pretrain_seconds, student_active))
+    rows.append(_row(ARMS[0], measure(student, task, tokenizer, **measure_kwargs), pretrain_seconds, student_active,
+                     cpu_seconds=pretrain_cpu))
 
-    arm_a = _clone(student)
-    histories["a_grpo"] = run_grpo(arm_a, steps["grpo"])
-    rows.append(_row(ARMS[1], measure(arm_a, task, tokenizer, **measure_kwargs), histories["a_grpo"]["seconds"],
-                     student_active, steps={"grpo": steps["grpo"]}))
-    arm_b = _clone(student)
-    histories["b_sft"] = run_sft(arm_b, steps["sft"])
-    rows.append(_row(ARMS[2], measure(arm_b, task, tokenizer, **measure_kwargs), histories["b_sft"]["seconds"],
-                     student_active, steps={"sft": steps["sft"]}))
-    arm_c = _clone(student)
-    histories["c_sft"] = run_sft(arm_c, steps["c_sft"])
-    histories["c_grpo"] = run_grpo(arm_c, steps["c_grpo"])
-    rows.append(_row(ARMS[3], measure(arm_c, task, tokenizer, **measure_kwargs),
-                     histories["c_sft"]["seconds"] + histories["c_grpo"]["seconds"], student_active,
-                     steps={"sft": steps["c_sft"], "grpo": steps["c_grpo"]}))
+    models = {}
+    for arm, plan in ((ARMS[1], (("a_grpo", run_grpo, "grpo"),)), (ARMS[2], (("b_sft", run_sft, "sft"),)),
+                      (ARMS[3], (("c_sft", run_sft, "c_sft"), ("c_grpo", run_grpo, "c_grpo")))):
+        model, cpu_started = _clone(student), time.process_time()
+        for key, train, budget in plan:
+            histories[key] = train(model, steps[budget])
+        cpu_seconds = time.process_time() - cpu_started
+        models[arm] = model
+        rows.append(_row(arm, measure(model, task, tokenizer, **measure_kwargs),
+                         sum(histories[key]["seconds"] for key, *_ in plan), student_active, cpu_seconds=cpu_seconds,
+                         steps={budget.removeprefix("c_"): steps[budget] for _, _, budget in plan}))
     for row in rows:
-        log(f"{row['arm']:22} accuracy {row['accuracy']:.3f}  pass@1 {row['pass_at_1']:.3f}  pass@k "
-            f"{row['pass_at_k']:.3f}  consistency {row['consistency']:.3f}  length {row['mean_length']:.1f}")
+        log(f"{row['arm']:22} CPU s {row.get('cpu_seconds') or 0:6.1f}  accuracy {row['accuracy']:.3f}  "
+            f"pass@1 {row['pass_at_1']:.3f}  pass@k {row['pass_at_k']:.3f}  consistency {row['consistency']:.3f}  "
+            f"length {row['mean_length']:.1f}")
     return {"rows": rows, "rejection": traces.summary(), "steps": steps, "histories": histories,
-            "models": {"student": student, "a": arm_a, "b": arm_b, "c": arm_c},
+            "models": {"student": student, "a": models[ARMS[1]], "b": models[ARMS[2]], "c": models[ARMS[3]]},
             "seconds": time.perf_counter() - started}
 
 
