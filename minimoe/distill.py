@@ -42,7 +42,8 @@ from .validation import Checks, Config
 
 __all__ = ["REASONS", "accept_response", "RejectionSample", "rejection_sample", "SFTConfig", "sft",
            "corpus_subset", "DistillConfig", "DistillError", "measure", "run_distillation", "student_config",
-           "LoosenedTask", "self_consistency_judge", "first_number_judge", "reward_hacking_run", "ARMS"]
+           "LoosenedTask", "self_consistency_judge", "first_number_judge", "reward_hacking_run", "ARMS",
+           "save_distillation_models", "plot_distillation", "steps_to_reach", "cold_start_vs_zero"]
 
 REASONS = ("accepted", "malformed", "wrong", "inconsistent")
 ARMS = ("student base", "(a) GRPO", "(b) SFT on teacher", "(c) SFT then GRPO")
@@ -557,3 +558,48 @@ def plot_distillation(result, path=None):
         figure.savefig(path, dpi=100)
         plt.close(figure)
     return figure
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cold start (R1) against zero (R1-Zero)
+# ---------------------------------------------------------------------------------------------------------------
+
+def steps_to_reach(history, threshold=0.9, window=10):
+    """The first GRPO step at which the batch accuracy, averaged over the last `window` steps, reaches
+    `threshold` (None if it never does)."""
+    accuracy = np.array([record["accuracy"] for record in history["steps"]])
+    if len(accuracy) < window:
+        return None
+    sums = np.convolve(accuracy, np.ones(window), mode="valid")  # sums[i]: steps i+1 .. i+window
+    reached = np.nonzero(sums >= threshold * window - 1e-9)[0]  # a sum of tenths is inexact in binary
+    return int(reached[0] + window) if len(reached) else None
+
+
+def cold_start_vs_zero(base, task, n_clean=300, sft_config=None, grpo_config=None, tokenizer=None, eval_settings=None,
+                       seed=0, progress=False):
+    """R1's first stage against R1-Zero, from copies of one base model:
+    cold start -- SFT on n_clean clean worked solutions (tasks.build_corpus with only the "worked" style), then GRPO
+    zero       -- GRPO alone
+    Returns {"cold_start": ..., "zero": ...}, each with measure()'s metrics, "steps_to_90" (steps_to_reach) and the
+    GRPO history."""
+    from .tasks import build_corpus
+
+    tokenizer = tokenizer or Tokenizer()
+    grpo_config = grpo_config or GRPOConfig(seed=seed)
+    sft_config = sft_config or SFTConfig(steps=60, batch_size=64, lr=1e-3, seed=seed)
+    clean = build_corpus(task, n_clean, np.random.default_rng(seed), mix={"worked": 1.0})
+    results = {}
+    for arm in ("cold_start", "zero"):
+        model, sft_history, after_sft, sft_seconds = _clone(base), None, None, 0.0
+        if arm == "cold_start":
+            started = time.process_time()
+            sft_history = sft(model, clean, sft_config, tokenizer, progress=progress)
+            sft_seconds = time.process_time() - started
+            after_sft = measure(model, task, tokenizer, **(eval_settings or {}))
+        started = time.process_time()
+        history = train_grpo(model, task, grpo_config, tokenizer, progress=progress)
+        results[arm] = {**measure(model, task, tokenizer, **(eval_settings or {})),
+                        "steps_to_90": steps_to_reach(history),
+                        "cpu_seconds": sft_seconds + time.process_time() - started, "sft_cpu_seconds": sft_seconds,
+                        "after_sft": after_sft, "sft_history": sft_history, "history": history}
+    return results

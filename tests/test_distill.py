@@ -322,3 +322,12 @@ def test_distill_refuses_an_empty_corpus_after_filtering(tmp_path, capsys):
     error = refused(tmp_path, capsys, ["--teacher", str(tmp_path / "untrained"), "--config",
                                        write_config(tmp_path, TINY)])
     assert "accepted none of the teacher's 16 responses" in error
+
+
+def test_steps_to_reach_smooths_over_a_window():
+    from minimoe.distill import steps_to_reach
+
+    history = {"steps": [{"accuracy": a} for a in [0.0] * 5 + [1.0] * 10]}
+    assert steps_to_reach(history, 0.9, window=10) == 14  # steps 5..14 average 0.9 (nine ones, one zero)
+    assert steps_to_reach(history, 0.9, window=20) is None
+    assert steps_to_reach({"steps": [{"accuracy": 0.5}] * 30}, 0.9) is None
