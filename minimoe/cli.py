@@ -403,7 +403,7 @@ def command_distill(args):
                                   distill_config, config["eval_settings"], tokenizer, student, not args.quiet)
         save_distillation_models(result, out, names)
         plot_distillation(result, os.path.join(out, "distillation.png"))
-        summary = {key: result[key] for key in ("rows", "rejection", "steps", "seconds")}
+        summary = {key: result[key] for key in ("rows", "rejection", "steps", "seconds", "cpu_seconds")}
         summary.update(arms=result["rows"], teacher=args.teacher, seed=args.seed, task=config["task"],
                        student_model=student_model.to_dict(), pretrain=config["pretrain_config"].to_dict(),
                        grpo=config["grpo_config"].to_dict(), distill=distill_config.to_dict(),
@@ -411,7 +411,8 @@ def command_distill(args):
         del summary["rows"]
         with open(os.path.join(out, "summary.json"), "w") as file:
             json.dump(summary, file, indent=1)
-    print(f"plots, checkpoints and summary.json in {out} ({result['seconds']:.0f} s in all)")
+    print(f"plots, checkpoints and summary.json in {out} ({result['seconds']:.0f} s in all, "
+          f"{result['cpu_seconds']:.0f} CPU s)")
     return summary
 
 

@@ -358,7 +358,7 @@ def run_distillation(teacher, task, student_model_config, pretrain_config, grpo_
     3. from copies of that one student base, at a matched wall-clock budget per arm:
        (a) GRPO, (b) SFT on the teacher's accepted traces, (c) SFT then GRPO (sft_share of the budget on SFT);
     4. measure every arm, the student base and the teacher on the same held-out problems."""
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     tokenizer = tokenizer or Tokenizer()
     teacher.eval()
     teacher_active, student_active = check_distillation(teacher, student_model_config, task, tokenizer, config,
@@ -419,10 +419,10 @@ def run_distillation(teacher, task, student_model_config, pretrain_config, grpo_
     models = {}
     for arm, plan in ((ARMS[1], (("a_grpo", run_grpo, "grpo"),)), (ARMS[2], (("b_sft", run_sft, "sft"),)),
                       (ARMS[3], (("c_sft", run_sft, "c_sft"), ("c_grpo", run_grpo, "c_grpo")))):
-        model, cpu_started = _clone(student), time.process_time()
+        model, arm_started = _clone(student), time.process_time()
         for key, train, budget in plan:
             histories[key] = train(model, steps[budget])
-        cpu_seconds = time.process_time() - cpu_started
+        cpu_seconds = time.process_time() - arm_started
         models[arm] = model
         rows.append(_row(arm, measure(model, task, tokenizer, **measure_kwargs),
                          sum(histories[key]["seconds"] for key, *_ in plan), student_active, cpu_seconds=cpu_seconds,
@@ -433,7 +433,7 @@ def run_distillation(teacher, task, student_model_config, pretrain_config, grpo_
             f"length {row['mean_length']:.1f}")
     return {"rows": rows, "rejection": traces.summary(), "steps": steps, "histories": histories,
             "models": {"student": student, "a": models[ARMS[1]], "b": models[ARMS[2]], "c": models[ARMS[3]]},
-            "seconds": time.perf_counter() - started}
+            "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started}
 
 
 # ---------------------------------------------------------------------------------------------------------------
