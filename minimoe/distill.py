@@ -576,7 +576,7 @@ def steps_to_reach(history, threshold=0.9, window=10):
 
 
 def cold_start_vs_zero(base, task, n_clean=300, sft_config=None, grpo_config=None, tokenizer=None, eval_settings=None,
-                       seed=0, progress=False):
+                       seed=0, progress=False, arms=("cold_start", "zero")):
     """R1's first stage against R1-Zero, from copies of one base model:
     cold start -- SFT on n_clean clean worked solutions (tasks.build_corpus with only the "worked" style), then GRPO
     zero       -- GRPO alone
@@ -589,7 +589,7 @@ def cold_start_vs_zero(base, task, n_clean=300, sft_config=None, grpo_config=Non
     sft_config = sft_config or SFTConfig(steps=60, batch_size=64, lr=1e-3, seed=seed)
     clean = build_corpus(task, n_clean, np.random.default_rng(seed), mix={"worked": 1.0})
     results = {}
-    for arm in ("cold_start", "zero"):
+    for arm in arms:
         model, sft_history, after_sft, sft_seconds = _clone(base), None, None, 0.0
         if arm == "cold_start":
             started = time.process_time()

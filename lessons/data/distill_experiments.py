@@ -7,6 +7,7 @@
             --config distill45.json        # {"distill": {"arm_seconds": 45}}
     done
     python lessons/data/distill_experiments.py cold_start                # cold start vs zero -> runs/cold_start.json
+    python lessons/data/distill_experiments.py cold_start runs/cold_start_lr1e-4.json 1e-4   # gentler GRPO after SFT
     python lessons/data/distill_experiments.py collect runs/distill-0 runs/distill-1 runs/distill-2
 
 `collect` gathers the three summaries, the cold-start comparison and the reward-hacking curves (rerun here, as the
@@ -29,10 +30,13 @@ from minimoe.tasks import AdditionTask
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def cold_start(out="runs/cold_start.json"):
+def cold_start(out="runs/cold_start.json", lr=None):
+    """Cold start vs zero with the demo's GRPO settings; with `lr`, only the cold-start arm, at that GRPO lr."""
     minimoe.manual_seed(0)
     base = load_checkpoint(os.path.join(HERE, "base_addition3"), restore_random_state=False)[0]
-    results = cold_start_vs_zero(base, AdditionTask(3), n_clean=300, seed=0)
+    grpo = GRPOConfig(seed=0) if lr is None else GRPOConfig(seed=0, lr=float(lr), min_lr=float(lr) / 10)
+    results = cold_start_vs_zero(base, AdditionTask(3), n_clean=300, seed=0, grpo_config=grpo,
+                                 arms=("cold_start", "zero") if lr is None else ("cold_start",))
     keep = ("accuracy", "pass_at_1", "pass_at_k", "mean_length", "consistency", "thinking_share", "steps_to_90",
             "cpu_seconds", "sft_cpu_seconds")
     summary = {arm: {**{k: r[k] for k in keep},
@@ -46,7 +50,7 @@ def cold_start(out="runs/cold_start.json"):
                      indent=1))
 
 
-def collect(*runs, cold="runs/cold_start.json"):
+def collect(*runs, cold="runs/cold_start.json", cold_low_lr="runs/cold_start_lr1e-4.json"):
     seeds = []
     for run in runs:
         with open(os.path.join(run, "summary.json")) as file:
@@ -59,6 +63,9 @@ def collect(*runs, cold="runs/cold_start.json"):
     if os.path.exists(cold):
         with open(cold) as file:
             results["cold_start"] = json.load(file)
+    if os.path.exists(cold_low_lr):
+        with open(cold_low_lr) as file:
+            results["cold_start"]["cold_start_grpo_lr1e-4"] = json.load(file)["cold_start"]
     with open(os.path.join(HERE, "distill_results.json"), "w") as file:
         json.dump(results, file, indent=1)
     os.makedirs(os.path.join(HERE, "distill"), exist_ok=True)
