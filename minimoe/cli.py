@@ -380,13 +380,17 @@ def command_generate(args):
 
 def command_distill(args):
     """Distillation in miniature (minimoe.distill.run_distillation): the --config "model" and "pretrain" sections
-    describe the student (defaults: distill.student_config), "grpo" the GRPO of arms (a) and (c) (its steps are
-    set by the budget), "distill" the experiment (distill.DistillConfig)."""
+    describe the student (defaults: distill.student_config, and no held-out loss evaluations), "grpo" the GRPO of
+    arms (a) and (c) (default lr 2e-4 → 2e-5; its steps are set by the budget), "distill" the experiment
+    (distill.DistillConfig)."""
     from .distill import (DistillConfig, plot_distillation, run_distillation, save_distillation_models,
                           student_config)
 
     config, task, tokenizer = _setup(args)
     distill_config = _section(config, "distill", DistillConfig, seed=args.seed)
+    # The arms' own defaults: GRPO gentler than the demo's (it must not undo (c)'s SFT), no held-out loss evaluations
+    config["grpo_config"] = _section(config, "grpo", GRPOConfig, seed=args.seed, lr=2e-4, min_lr=2e-5)
+    config["pretrain_config"] = _section(config, "pretrain", PretrainConfig, seed=args.seed, eval_every=0)
     teacher = _load_model(args.teacher, {"model": {}}, tokenizer)[0]
     student = _load_model(args.student, config, tokenizer)[0] if args.student else None
     try:

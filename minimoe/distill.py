@@ -261,10 +261,10 @@ class DistillConfig(Config):
     sft_share             -- arm (c)'s share of the budget spent on SFT (the rest on GRPO)
     max_activated_ratio   -- refuse a student with more activated parameters than this times the teacher's"""
 
-    n_prompts: int = 512
-    k: int = 4
+    n_prompts: int = 2048
+    k: int = 2
     teacher_temperature: float = 1.0
-    arm_seconds: float = 60.0
+    arm_seconds: float = 20.0
     grpo_steps: int = 100
     sft_steps: int = 150
     sft_share: float = 0.5

@@ -1,10 +1,10 @@
-"""How lessons/data/distill_results.json was made (lesson 12 reads it; rerun this to remake it, ~15-30 CPU minutes).
+"""How lessons/data/distill_results.json was made (lesson 12 reads it; remaking it takes ~8 CPU minutes).
 
     python -m minimoe rl --checkpoint lessons/data/base_addition3 --out runs/teacher      # the teacher (demo GRPO)
     # lessons/data/teacher_addition3.npz is runs/teacher/rl_last's weights (save_checkpoint(path, model))
-    for seed in 0 1 2; do
+    for seed in 0 1 2; do                  # the distill defaults, 8 samples per problem for pass@8
         python -m minimoe distill --teacher lessons/data/teacher_addition3 --out runs/distill-$seed --seed $seed \
-            --config distill45.json        # {"distill": {"arm_seconds": 45}}
+            --config eval8.json            # {"eval": {"n_samples": 8}}
     done
     python lessons/data/distill_experiments.py cold_start                # cold start vs zero -> runs/cold_start.json
     python lessons/data/distill_experiments.py cold_start runs/cold_start_lr1e-4.json 1e-4   # gentler GRPO after SFT
