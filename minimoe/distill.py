@@ -538,7 +538,7 @@ def plot_distillation(result, path=None):
                                                                 "consistency"])
     bars.set_ylim(0, 1)
     bars.set_title("held-out metrics")
-    bars.legend(fontsize=8)
+    bars.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
     histories = result["histories"]
     for key, label in (("a_grpo", "(a) GRPO"), ("c_grpo", "(c) GRPO after SFT")):
         steps = histories[key]["steps"]
@@ -549,7 +549,8 @@ def plot_distillation(result, path=None):
         loss = histories[key]["loss"]
         curves.plot(np.linspace(0, histories[key]["seconds"], len(loss) + 1)[1:], np.exp(-np.array(loss)),
                     "--", label=f"{label}: exp(-loss), per-token probability")
-    curves.set_xlabel("seconds of training (matched budget per arm)")
+    curves.set_xlabel("wall seconds of training (the matched budget is in CPU seconds; a busy machine stretches "
+                      "these)")
     curves.set_ylim(0, 1)
     curves.set_title("training")
     curves.legend(fontsize=8)
