@@ -125,7 +125,7 @@ class ModelConfig(Config):
         check.integer("n_mtp_modules", minimum=0)  # D, the number of MTP modules
         check.real("mtp_loss_weight", minimum=0)  # λ
         check.real("mtp_loss_weight_final", minimum=0, optional=True)
-        if c.fp8 is not None and c.fp8 not in RECIPES:
+        if c.fp8 is not None and not (isinstance(c.fp8, str) and c.fp8 in RECIPES):
             check.fail("fp8", f"fp8={c.fp8!r} must be None or one of {sorted(RECIPES)}")
         check.done()
 
