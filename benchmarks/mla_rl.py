@@ -79,6 +79,10 @@ def command_base(args):
     print({k: before[k] for k in ("accuracy", "pass_at_1", "pass_at_k", "thinking_share")})
 
 
+class Stop(Exception):
+    """Ends a diagnostic run early."""
+
+
 def command_rl(args):
     config, task, tokenizer = _setup(_args(args.config, args.seed))
     model = load_checkpoint(os.path.join(args.base, "pretrain_last"), restore_random_state=False)[0]
@@ -92,22 +96,29 @@ def command_rl(args):
             norms[parameter_group(name)] += float(((p.data - previous[name]) ** 2).sum())
             previous[name] = p.data.copy()
         record["update_norm"] = {g: v ** 0.5 for g, v in norms.items()}
+        records.append(record)
+        if step == args.stop_after:
+            raise Stop
 
+    records = []
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
-    history = train_grpo(model, task, grpo_config, tokenizer, out_dir=args.out, progress=False, on_step=on_step,
-                         overwrite=True)
+    try:
+        history = train_grpo(model, task, grpo_config, tokenizer, out_dir=args.out, progress=False, on_step=on_step,
+                             overwrite=True)
+    except Stop:
+        history = {"steps": records, "warnings": "stopped early"}
     seconds = time.perf_counter() - started
-    after = evaluate(model, task, tokenizer, **config["eval_settings"])
-    keys = ("step", "accuracy", "format_rate", "reward_mean", "all_equal_share", "kl", "entropy", "grad_norm", "lr",
-            "update_norm", "thinking_share")
+    after = {} if args.no_eval or args.stop_after else evaluate(model, task, tokenizer, **config["eval_settings"])
+    keys = ("step", "accuracy", "format_rate", "reward_mean", "all_equal_share", "zero_accuracy_share", "kl",
+            "policy_shift", "entropy", "grad_norm", "lr", "update_norm", "thinking_share")
     steps = [{k: s.get(k) for k in keys} for s in history["steps"]]
     result = {"config": args.config, "base": args.base, "seed": args.seed, "rl_seconds": seconds, "after": after,
               "grpo": grpo_config.to_dict(), "steps": steps,
-              **{k: history[k] for k in history if k not in ("steps", "seconds")}}
+              "warnings": history["warnings"]}
     with open(os.path.join(args.out, "rl.json"), "w") as file:
         json.dump(result, file, indent=1)
-    print({k: after[k] for k in ("accuracy", "pass_at_1", "pass_at_k", "thinking_share")}, f"{seconds:.0f} s")
+    print({k: after.get(k) for k in ("accuracy", "pass_at_1", "pass_at_k", "thinking_share")}, f"{seconds:.0f} s")
 
 
 def main():
@@ -123,6 +134,9 @@ def main():
     rl.add_argument("--config")
     rl.add_argument("--seed", type=int, default=0)
     rl.add_argument("--out", required=True)
+    rl.add_argument("--stop-after", type=int, default=0, help="stop after this many steps (the schedule is the "
+                                                               "config's); 0: run them all")
+    rl.add_argument("--no-eval", action="store_true", help="skip the evaluation after RL")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     {"base": command_base, "rl": command_rl}[args.command](args)

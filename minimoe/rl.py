@@ -42,7 +42,7 @@ from .validation import Checks, Config
 
 __all__ = ["GRPOConfig", "train_grpo", "rollout", "compute_rewards", "policy_update", "record_step",
            "reference_policy", "group_advantages", "token_logprobs", "policy_loss", "policy_entropy",
-           "accuracy_signal", "check_base", "collapse_signs", "WeakBaseError", "LOSS_TYPES", "SCALE_REWARDS"]
+           "accuracy_signal", "check_base", "control_step_size", "collapse_signs", "WeakBaseError", "LOSS_TYPES", "SCALE_REWARDS"]
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "reinforce")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -181,6 +181,7 @@ class GRPOConfig(Config):
     accuracy_weight: float = 1.0
     format_weight: float = 0.1
     log_kl: bool = True  # measure the KL to the reference even when beta = 0 (one extra forward pass a step)
+    target_kl: float = 0.01  # step control: KL(π_old ‖ π_new) per token one update should move; 0: off
     checkpoint_every: int = 50
     seed: int = 0
     # the collapse guard (see check_base and collapse_signs)
@@ -202,7 +203,7 @@ class GRPOConfig(Config):
         check.real("lr", above=0)
         check.real("temperature", above=0)
         check.real("grad_clip", above=0)
-        for name in ("min_lr", "weight_decay", "beta", "accuracy_weight", "format_weight"):
+        for name in ("min_lr", "weight_decay", "beta", "accuracy_weight", "format_weight", "target_kl"):
             check.real(name, minimum=0)
         check.real("epsilon", minimum=0, below=1)  # the ratio is clipped below at 1 - epsilon > 0
         check.real("epsilon_high", minimum=0, optional=True)
@@ -249,6 +250,7 @@ def train_grpo(model, task, config=None, tokenizer=None, out_dir=None, resume_fr
         history = run.resume({"steps": [], "warnings": [], "seconds": 0.0})
         history.setdefault("warnings", [])
         reference, reference_state = reference_policy(model, config, out_dir, resume_from, run.saved_state)
+        step_scale = run.saved_state.get("step_scale", 1.0)
         model.eval()
         for step in run.steps("grpo"):
             responses = rollout(model, task, tokenizer, config, run.data_rng)
@@ -256,7 +258,9 @@ def train_grpo(model, task, config=None, tokenizer=None, out_dir=None, resume_fr
             if step == 1:  # before the first update: is there anything for GRPO to reinforce?
                 _warn(run, history, step, check_base(accuracy_signal(scores["accuracy"], rewards.shape), config))
             advantages = group_advantages(get_backend().asarray(rewards), config.scale_rewards).reshape(-1)  # (B,)
+            optimizer.lr = scheduler.lr_at(scheduler.last_step) * step_scale
             update = policy_update(model, optimizer, scheduler, reference, responses, advantages, tokenizer, config)
+            step_scale = control_step_size(step_scale, update["policy_shift"], config.target_kl)
             model.update_routing_bias()
             run.check_loss(step, update["loss"])
             record = record_step(step, model, responses, scores, rewards, update)
@@ -267,7 +271,7 @@ def train_grpo(model, task, config=None, tokenizer=None, out_dir=None, resume_fr
                 _warn(run, history, step, (kind, message))
             if on_step:
                 on_step(step, record)
-            run.end_step(step, history, **reference_state)
+            run.end_step(step, history, step_scale=step_scale, **reference_state)
     return run.finish(history)
 
 
@@ -411,7 +415,30 @@ def policy_update(model, optimizer, scheduler, reference, responses, advantages,
             loss = loss + balance
         lr = optimizer.lr
         grad_norm = optimizer_step(model, optimizer, scheduler, loss, config.grad_clip)
-    return {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm, "stats": stats, "logits": logits, "mask": mask}
+    shift = None
+    if config.target_kl > 0:  # how far the update moved the policy on the batch it learned from
+        with no_grad():
+            log_ratio = token_logprobs(model, tokens, config.temperature)[0].data - old  # (B, N) log π_new / π_old
+        xp = get_array_module(log_ratio)
+        shift = float(((xp.exp(log_ratio) - 1 - log_ratio) * mask).sum() / xp.maximum(mask.sum(), 1))
+    return {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm, "stats": stats, "logits": logits, "mask": mask,
+            "policy_shift": shift}
+
+
+def control_step_size(scale, shift, target_kl):
+    """The step control: the learning rate is the schedule's times `scale` ≤ 1, and `scale` follows how far
+    the last update moved the policy, shift = KL(π_old ‖ π_new) per response token (estimated on the sampled
+    tokens as r - 1 - log r, r = π_new / π_old): halved when shift > 2·target_kl, grown by 1.5× (back up to
+    1) when shift < target_kl / 2 — the adaptive rule PPO implementations use for their learning rate. An
+    architecture whose policy moves more per unit of parameter change (MLA's shared latent and RoPE key) gets
+    a smaller step without anyone tuning it; the schedule stays the ceiling."""
+    if not target_kl or shift is None:
+        return scale
+    if shift > 2 * target_kl:
+        return max(scale / 2, 1 / 64)
+    if shift < target_kl / 2:
+        return min(scale * 1.5, 1.0)
+    return scale
 
 
 def record_step(step, model, responses, scores, rewards, update):
@@ -430,6 +457,7 @@ def record_step(step, model, responses, scores, rewards, update):
         "truncated_share": float(scores["truncated"].mean()),
         "thinking_share": float(scores["thinks"].mean()),
         "kl": float(stats["kl"]) if "kl" in stats else None,
+        "policy_shift": update["policy_shift"],
         "clip_low": float(stats["clip_low"]) if "clip_low" in stats else None,
         "clip_high": float(stats["clip_high"]) if "clip_high" in stats else None,
         "entropy": float(policy_entropy(update["logits"], update["mask"])),

@@ -10,7 +10,8 @@ import pytest
 import minimoe
 from minimoe.checkpoint import load_checkpoint
 from minimoe.model import ModelConfig, Transformer
-from minimoe.rl import GRPOConfig, WeakBaseError, accuracy_signal, collapse_signs, train_grpo
+from minimoe.rl import (GRPOConfig, WeakBaseError, accuracy_signal, collapse_signs, control_step_size,
+                        train_grpo)
 from minimoe.tasks import AdditionTask, Tokenizer
 from minimoe.validation import ConfigError
 
@@ -92,7 +93,31 @@ def test_accuracy_falling_is_not_reported_when_the_format_fell_too():
     ("min_base_pass_at_g", -0.1, "min_base_pass_at_g=-0.1 must be"),
     ("allow_weak_base", "yes", "allow_weak_base='yes' must be true or false"),
     ("collapse_window", -1, "collapse_window=-1 must be ≥ 0"),
+    ("target_kl", -0.01, "target_kl=-0.01 must be ≥ 0"),
 ])
 def test_the_guard_settings_are_validated(field, value, expected):
     with pytest.raises(ConfigError, match=expected):
         GRPOConfig(**{field: value})
+
+
+def test_the_step_control_halves_after_a_large_move_and_recovers_to_the_schedule():
+    target = 0.01
+    assert control_step_size(1.0, 0.05, target) == 0.5  # moved 5× the target: halve
+    assert control_step_size(0.5, 0.015, target) == 0.5  # within [target/2, 2·target]: keep
+    assert control_step_size(0.5, 0.001, target) == 0.75  # barely moved: grow
+    assert control_step_size(0.9, 0.001, target) == 1.0  # never above the schedule
+    assert control_step_size(1 / 64, 1.0, target) == 1 / 64  # a floor: the run never stops learning
+    assert control_step_size(0.3, 0.05, 0.0) == 0.3 and control_step_size(0.3, None, target) == 0.3  # off
+
+
+def test_the_step_control_lowers_the_learning_rate_of_a_run_that_moves_too_fast():
+    """With a tiny target every update moves the policy too far, so the rate falls below the schedule's, and the
+    measured shift is a KL: never negative. With the control off the rate is the schedule's."""
+    model = load_checkpoint(BASE, restore_random_state=False)[0]
+    settings = dict(steps=3, prompts_per_step=4, group_size=4, warmup_steps=0, lr=1e-3, min_lr=1e-3,
+                    checkpoint_every=0, min_base_pass_at_g=0.0)
+    controlled = train_grpo(model, AdditionTask(3), GRPOConfig(target_kl=1e-9, **settings), progress=False)["steps"]
+    assert [s["lr"] for s in controlled] == pytest.approx([1e-3, 5e-4, 2.5e-4])
+    assert all(s["policy_shift"] > 2e-9 for s in controlled)
+    free = train_grpo(model, AdditionTask(3), GRPOConfig(target_kl=0.0, **settings), progress=False)["steps"]
+    assert [s["lr"] for s in free] == pytest.approx([1e-3] * 3) and free[0]["policy_shift"] is None
