@@ -70,6 +70,7 @@ def command_base(args):
     seconds = time.perf_counter() - started
     before = evaluate(model, task, tokenizer, **config["eval_settings"])
     result = {"config": args.config, "seed": args.seed, "steps": pretrain_config.steps, "pretrain_seconds": seconds,
+              "cpu_seconds": time.process_time(),
               "final_loss": history["lm_loss"][-1], "style_loss": style_losses(model, task, tokenizer,
                                                                                 pretrain_config),
               "before": before, "model": model.config.to_dict()}
@@ -114,6 +115,7 @@ def command_rl(args):
             "policy_shift", "entropy", "grad_norm", "lr", "update_norm", "thinking_share")
     steps = [{k: s.get(k) for k in keys} for s in history["steps"]]
     result = {"config": args.config, "base": args.base, "seed": args.seed, "rl_seconds": seconds, "after": after,
+              "cpu_seconds": time.process_time(),
               "grpo": grpo_config.to_dict(), "steps": steps,
               "warnings": history["warnings"]}
     with open(os.path.join(args.out, "rl.json"), "w") as file:
