@@ -11,4 +11,10 @@ run in turns and each figure is a median over the rounds (benchmarks/common.py).
     moe         an MoE layer as the routed experts grow from 8 to 64 (top-2): cost follows activated parameters
     overhead    the fixed cost of one op on tiny tensors, and the share of a step spent in BLAS matrix products
     memory      peak memory of a 200-step training run, each framework in a process of its own
+    distributed expert parallelism on 4 MPI ranks (launches mpiexec): bytes per token across nodes with and
+                without node-limited routing, the slowest rank under collapsed vs balanced routing, time in
+                communication, overlap of the shared expert with the dispatch; minimoe figures only
+
+Not timed, and run on its own: `python -m benchmarks.specialisation`, the experiments of lesson 15 (do the
+experts specialise? before and after GRPO, fine-grained vs coarse, shared expert, ablation; several seeds).
 """

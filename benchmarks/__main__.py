@@ -7,10 +7,10 @@ import time
 
 from minimoe.backend import keep_freed_host_memory
 
-from . import generation, memory, moe_scaling, overhead, training
+from . import distributed, generation, memory, moe_scaling, overhead, speculative, training
 from .common import GpuUnavailable, device_for, limit_threads, machine_description
 
-SUITES = ("training", "generation", "moe", "overhead", "memory")
+SUITES = ("training", "generation", "moe", "overhead", "memory", "speculative", "distributed")
 
 
 def _number(value):
@@ -40,7 +40,9 @@ def run_suite(names, device, threads, quick, keep_freed_memory=False):
             "generation": lambda: generation.run(device, max(3, repeats // 3)),
             "moe": lambda: moe_scaling.run(device, repeats, expert_counts=(8, 64) if quick else (8, 16, 32, 64)),
             "overhead": lambda: overhead.run(device, repeats),
-            "memory": lambda: memory.run(50 if quick else 200, threads, device.backend, keep_freed_memory)}
+            "memory": lambda: memory.run(50 if quick else 200, threads, device.backend, keep_freed_memory),
+            "speculative": lambda: speculative.run(device, max(3, repeats // 3)),
+            "distributed": lambda: distributed.run(quick)}
     entries = []
     with limit_threads(threads):
         for name in names:

@@ -14,6 +14,7 @@ to Tensor. This file is the whole engine.
 """
 
 import functools
+import weakref
 
 from . import backend
 
@@ -103,9 +104,20 @@ class Function:
     and is used as `Exp()(x)`; op parameters (an axis, a shape) go to `__init__`. A Function object is one
     node of the graph, so each call makes a new one. Backward may return a gradient in the *broadcast* shape
     of the output: the engine sums it down to each input's shape.
+
+    The backward contract: **never write into `g`**. The engine may hand the same array to several backwards
+    (Add returns its g for both inputs), so `g *= 2` would silently change other gradients. Compute a new
+    array (`g * 2`) — writing in place into arrays your backward made itself is fine. On NumPy the engine hands
+    `g` over read-only, so a backward that breaks the contract raises instead of corrupting gradients.
+
+    The dtype rule: the tensor inputs of an op share one floating dtype (float32 with float64, or an integer
+    tensor with a float one, raises: cast with `.astype(...)` first; boolean masks may join in), and an op never
+    turns integer inputs into a float result by itself. Numbers (Python's, and NumPy scalars) and integer
+    arrays that are not tensors (counts) take the tensor's dtype (`x * 0.5` stays float32).
     """
 
-    __slots__ = ("inputs", "saved", "needs_grad")
+    __slots__ = ("inputs", "saved", "needs_grad", "retained")
+    changes_dtype = False  # True for the one op whose job is to change the dtype (Cast)
 
     def save(self, *arrays):
         """Keep arrays for backward; they are released as soon as backward has used them."""
@@ -127,23 +139,34 @@ class Function:
         tensors, arrays = [], []  # a plain loop: this runs for every op, and generators cost microseconds
         for x in inputs:
             if not isinstance(x, Tensor):
-                x = _constant_like(x, reference)
+                x = _constant_like(x, reference, self.name)
             elif type(x.data) is not array_type:
                 raise TypeError(
                     f"{self.name}: inputs live on different backends ({backend.backend_of(reference.data).name} "
                     f"and {backend.backend_of(x.data).name}); move one with .to(...) first")
             tensors.append(x)
             arrays.append(x.data)
+        float_dtype = arrays[0].dtype
+        for array in arrays:  # the usual case, one dtype, costs a comparison per input
+            if array.dtype != float_dtype:
+                float_dtype = _common_float_dtype(self.name, tensors)
+                break
+        else:
+            float_dtype = float_dtype if float_dtype.kind == "f" else None
         try:
             output = self.forward(*arrays)
         except ShapeError:
             raise
         except ValueError as error:
             raise ShapeError(f"{self.name}: {error} (input shapes {_shapes(tensors)})") from error
-        except (IndexError, TypeError) as error:
-            raise type(error)(f"{self.name}: {error} (input shapes {_shapes(tensors)})") from error
+        except (IndexError, TypeError) as error:  # the base class: some subclasses (NumPy's casting errors) take
+            kind = IndexError if isinstance(error, IndexError) else TypeError  # other arguments than a message
+            raise kind(f"{self.name}: {error} (input shapes {_shapes(tensors)})") from error
         if type(output) is not array_type:
             output = _as_array_like(output, array_type, self.name)
+        if float_dtype is None and output.dtype.kind == "f" and not self.changes_dtype:
+            raise TypeError(f"{self.name}: got {' and '.join(str(x.dtype) for x in tensors)} input(s), which would "
+                            f"silently give a {output.dtype} result; cast first, e.g. x.astype('float32')")
 
         if not (_grad_enabled and any(x.requires_grad for x in tensors)):
             self.saved = None  # no backward will come: let go of saved arrays now
@@ -162,12 +185,37 @@ def _shapes(tensors):
     return ", ".join(str(x.shape) for x in tensors)
 
 
-def _constant_like(value, reference):
-    """A Python number or array used in an op with tensors becomes a constant on the same backend.
-    Python floats take the tensor's float dtype, so `x * 0.5` stays float32."""
+def _common_float_dtype(op_name, tensors):
+    """The one floating dtype of inputs of several dtypes (None if none is floating): only boolean masks may join
+    a floating dtype; anything else would be promoted silently, and raises."""
+    floats = {x.dtype for x in tensors if x.dtype.kind == "f"}
+    if not floats:
+        return None
+    if len(floats) == 1 and all(x.dtype.kind in "fb" for x in tensors):
+        return floats.pop()
+    raise TypeError(f"{op_name}: inputs of dtypes {', '.join(str(x.dtype) for x in tensors)} would be promoted "
+                    "silently (float32 with float64 or with an integer tensor becomes float64); cast them to one "
+                    "dtype first, e.g. x.astype('float32')")
+
+
+def _constant_like(value, reference, op_name):
+    """A Python number (or, on NumPy, an array or list) used in an op with tensors becomes a constant on the same
+    backend. Numbers — Python's and NumPy's scalars — and integer arrays (counts) take the tensor's float dtype, so
+    `x * 0.5`, `x / np.int64(3)` and `x / counts` stay float32; a float array of another precision is not
+    converted (the op then refuses to mix dtypes). On a device backend a host array or list is refused, as CuPy
+    refuses it: nothing is copied to the device behind your back."""
     xp = backend.get_array_module(reference.data)
-    dtype = reference.dtype if reference.dtype.kind == "f" and isinstance(value, (int, float)) else None
-    return Tensor(xp.asarray(value, dtype=dtype))
+    if reference.backend.device != "cpu" and isinstance(value, (backend.numpy.ndarray, list, tuple)):
+        raise TypeError(f"{op_name}: a host {type(value).__name__} meets a {reference.backend.name} tensor; nothing "
+                        "is copied to the device implicitly (CuPy refuses this too). Move it explicitly: "
+                        "minimoe.tensor(value) or get_backend().asarray(value)")
+    is_number = isinstance(value, (int, float, backend.numpy.integer, backend.numpy.floating)) \
+        and not isinstance(value, bool)
+    dtype = reference.dtype if reference.dtype.kind == "f" and is_number else None
+    constant = xp.asarray(value, dtype=dtype)
+    if reference.dtype.kind == "f" and constant.dtype.kind in "iu":  # counts, ids: exact in the tensor's dtype
+        constant = constant.astype(reference.dtype)
+    return Tensor(constant)
 
 
 def _as_array_like(value, array_type, op_name):
@@ -291,6 +339,14 @@ class Tensor:
         raise TypeError("Tensors in a graph are not modified in place (backward would see the new values). "
                         "Build a new tensor instead, e.g. F.where(mask, value, x) or x.masked_fill(mask, value).")
 
+    def retain_grad(self):
+        """Keep this intermediate tensor's gradient in `.grad` at the next backward (by default only leaves get
+        one), to look at how the gradient flows through a graph. A no-op on a leaf that requires grad."""
+        if not self.requires_grad:
+            raise RuntimeError("retain_grad(): this tensor does not require grad, so it will get no gradient")
+        if self.creator is not None:
+            self.creator.retained = weakref.ref(self)
+
     # ---- leaving the graph, leaving the device ----------------------------------------------------------------
     def detach(self):
         """The same data as a new leaf that does not require grad: gradients stop here."""
@@ -346,6 +402,10 @@ class Tensor:
                     raise TypeError(f"backward: the gradient lives on {grad.backend.name}, this tensor on "
                                     f"{self.backend.name}; move it with .to({self.backend.name!r}) first")
                 grad = grad.data
+            elif self.device != "cpu" and type(grad) is not self.backend.array_type:
+                raise TypeError(f"backward: the gradient is a host {type(grad).__name__}, this tensor lives on "
+                                f"{self.backend.name}; nothing is copied to the device implicitly: pass "
+                                "minimoe.tensor(grad) (or an array of the tensor's backend)")
             grad = xp.asarray(grad, dtype=self.dtype)
             if grad.shape != self.shape:
                 raise ShapeError(f"backward: gradient of shape {grad.shape} for a tensor of shape {self.shape}")
@@ -353,12 +413,18 @@ class Tensor:
         if self.creator is None:
             _accumulate(self, grad)
             return
+        if type(grad) is backend.numpy.ndarray:
+            grad = grad.view()  # the engine marks the gradients it hands to backwards read-only: not the caller's
         grads = {self.creator: grad}  # Function -> gradient of its output, summed over all its uses
-        sums = set()  # Functions whose entry in grads is a sum made here: no one else holds it, so += is safe
+        owned = set()  # Functions whose gradient in grads is an array this engine made: no one else holds it,
+        #                so adding into it in place (+=) is safe
         for function in reversed(_topological_order(self.creator)):
             output_grad = grads.pop(function, None)
             if output_grad is not None:
-                input_grads = function.backward(output_grad)
+                retained = getattr(function, "retained", None)
+                if retained is not None and retained() is not None:  # an output that asked for retain_grad()
+                    _accumulate(retained(), output_grad)
+                input_grads = _call_backward(function, output_grad)
                 if not isinstance(input_grads, tuple):
                     input_grads = (input_grads,)
                 if len(input_grads) != len(function.inputs):
@@ -370,15 +436,31 @@ class Tensor:
                     x_grad = _input_grad(function, x, x_grad)
                     if x.creator is None:
                         _accumulate(x, x_grad)
-                    elif x.creator in sums:
+                    elif x.creator in owned:
                         grads[x.creator] += x_grad
                     elif x.creator in grads:  # a backward may return its g itself (Add does): never add into it
                         grads[x.creator] = grads[x.creator] + x_grad
-                        sums.add(x.creator)
+                        owned.add(x.creator)
                     else:
                         grads[x.creator] = x_grad
             if not retain_graph:
                 function.release()
+
+
+def _call_backward(function, g):
+    """function.backward(g), keeping the contract "never write into g": on NumPy, g is handed over read-only
+    (CuPy arrays have no such flag; the NumPy tests catch a backward that breaks it). Every g here is the engine's
+    own array, or a view of one (the caller's gradient is wrapped in a view first), so no one else's flag changes."""
+    if type(g) is backend.numpy.ndarray:
+        g.flags.writeable = False
+    try:
+        return function.backward(g)
+    except ValueError as error:
+        if "read-only" not in str(error):
+            raise
+        raise RuntimeError(f"{function.name}.backward wrote into its upstream gradient g ({error}). A backward "
+                           "must never modify g: other gradients may share its memory. Compute a new array "
+                           "instead (g * 2, not g *= 2).") from error
 
 
 def _accumulate(leaf, grad):
@@ -422,12 +504,32 @@ def _to_backend_array(data, dtype):
     current = backend.get_backend()
     if isinstance(data, Tensor):
         data = data.data
-    if dtype is None and not hasattr(data, "dtype"):
-        probe = backend.numpy.asarray(data)
-        dtype = _default_dtype if probe.dtype.kind == "f" else None
+    if not hasattr(data, "dtype"):
+        probe = _numeric_probe(data)
+        dtype = dtype or (_default_dtype if probe.dtype.kind == "f" else None)
+    elif data.dtype.kind not in "biuf":
+        raise TypeError(f"tensor: expected numbers (bool, int or float), got an array of dtype {data.dtype}")
     if type(data) in backend._backend_by_array_type and type(data) is not current.array_type:
         data = backend.backend_of(data).to_numpy(data)
     return current.asarray(data, dtype=dtype)
+
+
+def _numeric_probe(data):
+    """Host data as a NumPy array, to read its kind; anything that is not numbers (text, None, ragged lists)
+    raises a TypeError naming what was given."""
+    try:
+        probe = backend.numpy.asarray(data)
+    except ValueError as error:  # ragged nested lists
+        raise TypeError(f"tensor: cannot make a tensor from {type(data).__name__} data ({error})") from None
+    if probe.dtype.kind not in "biuf":
+        raise TypeError(f"tensor: expected numbers (bool, int or float) or nested lists of them, got "
+                        f"{type(data).__name__} {_short(data)} (NumPy reads it as {probe.dtype})")
+    return probe
+
+
+def _short(data):
+    text = repr(data)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def tensor(data, requires_grad=False, dtype=None):

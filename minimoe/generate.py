@@ -13,6 +13,7 @@ import numpy as np
 
 from .autograd import Tensor, no_grad
 from .backend import backend_of, device_rng, get_array_module, get_backend
+from .functional import shifted_exp
 from .tasks import Tokenizer
 from .validation import Checks, is_real
 
@@ -59,9 +60,8 @@ def filter_logits(logits, top_k=None, top_p=None):
 
 
 def _softmax(logits):
-    xp = get_array_module(logits)
-    e = xp.exp(logits - logits.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    e, total, _ = shifted_exp(logits)
+    return e / total
 
 
 def check_sampling(who, temperature=1.0, top_k=None, top_p=None, greedy=False, max_new_tokens=0):
@@ -92,21 +92,34 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, g
     return xp.minimum((cdf < u).sum(axis=-1), logits.shape[-1] - 1)
 
 
-@no_grad()
-def generate(model, prompt_ids, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=None, top_p=None,
-             greedy=False, use_cache=True, generator=None):
-    """Continue each prompt of `prompt_ids` (B, P) — integer backend array, all prompts the same length — by up
-    to `max_new_tokens` tokens. Runs in eval mode (no dropout, deterministic routing) and restores the mode.
-
-    Stopping early when every sequence has finished costs one boolean read from the device per step."""
-    check_sampling("generate", temperature, top_k, top_p, greedy, max_new_tokens)
+def prompt_shape(model, prompt_ids, max_new_tokens):
+    """(prompt ids as an array, B, P, P + max_new_tokens), refusing a total longer than the model's context."""
     prompt_ids = prompt_ids.data if isinstance(prompt_ids, Tensor) else prompt_ids
-    xp = get_array_module(prompt_ids)
     batch, prompt_length = prompt_ids.shape
     total = prompt_length + max_new_tokens
     if total > model.config.max_seq_len:
         raise ValueError(f"generate: prompt of {prompt_length} tokens + {max_new_tokens} new tokens exceeds the "
                          f"model's max_seq_len={model.config.max_seq_len}")
+    return prompt_ids, batch, prompt_length, total
+
+
+@no_grad()
+def generate(model, prompt_ids, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=None, top_p=None,
+             greedy=False, use_cache=True, generator=None, speculative=False):
+    """Continue each prompt of `prompt_ids` (B, P) — integer backend array, all prompts the same length — by up
+    to `max_new_tokens` tokens. Runs in eval mode (no dropout, deterministic routing) and restores the mode.
+    speculative=True drafts with the model's multi-token prediction modules and verifies the drafts in one pass
+    (minimoe/speculative.py): the same output distribution, fewer passes of the main model.
+
+    Stopping early when every sequence has finished costs one boolean read from the device per step."""
+    check_sampling("generate", temperature, top_k, top_p, greedy, max_new_tokens)
+    if speculative:
+        from .speculative import speculative_generate  # it builds on this module
+
+        return speculative_generate(model, prompt_ids, max_new_tokens, eos_id, pad_id, temperature, top_k, top_p,
+                                    greedy, generator)
+    prompt_ids, batch, prompt_length, total = prompt_shape(model, prompt_ids, max_new_tokens)
+    xp = get_array_module(prompt_ids)
     was_training = model.training
     model.eval()
     tokens = xp.full((batch, total), pad_id, dtype=prompt_ids.dtype)
@@ -168,8 +181,9 @@ def _by_prompt_length(prompt_ids):
 
 @no_grad()
 def sample_responses(model, problems, tokenizer=None, n_per_problem=1, max_new_tokens=40, temperature=1.0,
-                     top_k=None, top_p=None, greedy=False, generator=None):
-    """Generate `n_per_problem` responses to every problem in one batched pass per prompt length."""
+                     top_k=None, top_p=None, greedy=False, generator=None, speculative=False):
+    """Generate `n_per_problem` responses to every problem in one batched pass per prompt length
+    (speculative=True: drafted by the model's MTP modules, see minimoe/speculative.py)."""
     tokenizer = tokenizer or Tokenizer()
     backend = get_backend()
     xp = backend.xp
@@ -184,7 +198,8 @@ def sample_responses(model, problems, tokenizer=None, n_per_problem=1, max_new_t
     for prompt_length, indices in _by_prompt_length(prompt_ids).items():
         batch = backend.asarray(np.array([prompt_ids[i] for i in indices]))
         out = generate(model, batch, max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                       temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator)
+                       temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator,
+                       speculative=speculative)
         index = backend.asarray(np.array(indices))
         tokens[index, :prompt_length + max_new_tokens] = out.tokens
         positions = xp.arange(width - 1)  # the position that predicts token t + 1

@@ -7,8 +7,10 @@ backward is wrong. `gradcheck` checks L = Σ fn(inputs) ⊙ w with random fixed 
 ones would hide a backward that transposes or ignores its incoming gradient.
 """
 
+import numpy as np
+
 from .autograd import Tensor, no_grad
-from .backend import backend_of, numpy
+from .backend import backend_of
 
 __all__ = ["gradcheck", "GradcheckError", "numerical_grad"]
 
@@ -22,12 +24,12 @@ def numerical_grad(fn, inputs, index, upstream, eps=1e-6):
     (a test tool: 2 forward passes per element)."""
     x = inputs[index]
     original_data = x.data
-    host = x.numpy().astype(numpy.float64)  # a copy: x's own array is never changed
-    grad = numpy.zeros_like(host)
+    host = x.numpy().astype(np.float64)  # a copy: x's own array is never changed
+    grad = np.zeros_like(host)
     to_backend = backend_of(x.data)
     try:
         with no_grad():
-            for i in numpy.ndindex(*host.shape):
+            for i in np.ndindex(*host.shape):
                 original = host[i]
                 values = []
                 for delta in (eps, -eps):
@@ -46,10 +48,10 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, seed=0):
     Returns True, or raises GradcheckError naming the input, the worst element and both values."""
     inputs = list(inputs)
     for i, x in enumerate(inputs):
-        if isinstance(x, Tensor) and x.requires_grad and x.dtype != numpy.float64:
+        if isinstance(x, Tensor) and x.requires_grad and x.dtype != np.float64:
             raise TypeError(f"gradcheck: input {i} is {x.dtype}; finite differences need float64 (use dtype='float64')")
     output = fn(*inputs)
-    rng = numpy.random.default_rng(seed)
+    rng = np.random.default_rng(seed)
     upstream = Tensor(backend_of(output.data).asarray(rng.uniform(0.5, 1.5, output.shape), dtype=output.dtype))
     for x in inputs:
         if isinstance(x, Tensor):
@@ -58,12 +60,12 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, seed=0):
     for i, x in enumerate(inputs):
         if not (isinstance(x, Tensor) and x.requires_grad):
             continue
-        analytic = numpy.zeros(x.shape) if x.grad is None else backend_of(x.grad).to_numpy(x.grad)
+        analytic = np.zeros(x.shape) if x.grad is None else backend_of(x.grad).to_numpy(x.grad)
         numerical = numerical_grad(fn, inputs, i, upstream, eps)
-        error = numpy.abs(analytic - numerical) - (atol + rtol * numpy.abs(numerical))
+        error = np.abs(analytic - numerical) - (atol + rtol * np.abs(numerical))
         if (error > 0).any():
-            worst = tuple(int(i) for i in numpy.unravel_index(numpy.argmax(error), error.shape))
+            worst = tuple(int(i) for i in np.unravel_index(np.argmax(error), error.shape))
             raise GradcheckError(f"gradcheck: input {i} (shape {x.shape}): at {worst} backward gives "
                                  f"{analytic[worst]:.10g}, finite differences {numerical[worst]:.10g} "
-                                 f"(max |difference| {numpy.abs(analytic - numerical).max():.3g})")
+                                 f"(max |difference| {np.abs(analytic - numerical).max():.3g})")
     return True

@@ -21,7 +21,7 @@ Host NumPy is right here: the counts are host integers from an evaluation loop, 
 
 import numbers
 
-from .backend import numpy  # host counts, not tensors
+import numpy as np  # host counts, not tensors
 
 __all__ = ["pass_at_k"]
 
@@ -44,16 +44,16 @@ def pass_at_k(n, c, k):
         raise ValueError(f"pass_at_k: need at least one sample, got n={n}")
     if not 1 <= k <= n:
         raise ValueError(f"pass_at_k: k={k} must lie in 1..n={n} (pass@k needs at least k samples)")
-    scalar = numpy.ndim(c) == 0
-    counts = numpy.asarray(c)
+    scalar = np.ndim(c) == 0
+    counts = np.asarray(c)
     if counts.dtype.kind not in "iu":
         raise TypeError(f"pass_at_k: c must hold integers, got dtype {counts.dtype}")
     if counts.size and (counts.min() < 0 or counts.max() > n):
         raise ValueError(f"pass_at_k: every c must lie in 0..n={n}, got values from {counts.min()} "
                          f"to {counts.max()}")
-    i = numpy.arange(n, 0, -1, dtype=numpy.float64)  # (n,)  n, n−1, …, 1
+    i = np.arange(n, 0, -1, dtype=np.float64)  # (n,)  n, n−1, …, 1
     # all_wrong[m] = Π over the m largest i of (1 − k/i) = C(n−m, k)/C(n, k): one running product serves every c.
     # Entries with n − m < k pass through factors ≤ 0; they are never used.
-    all_wrong = numpy.concatenate([[1.0], numpy.cumprod(1.0 - k / i)])  # (n + 1,)
-    result = numpy.where(n - counts < k, 1.0, 1.0 - all_wrong[counts])
+    all_wrong = np.concatenate([[1.0], np.cumprod(1.0 - k / i)])  # (n + 1,)
+    result = np.where(n - counts < k, 1.0, 1.0 - all_wrong[counts])
     return float(result) if scalar else result

@@ -30,8 +30,7 @@ class Optimizer:
                 raise ValueError(f"{type(self).__name__}: parameter {i} is parameter {first_position[id(p)]} "
                                  "again, so it would be updated twice per step; pass each parameter once")
             first_position[id(p)] = i
-        if lr < 0:
-            raise ValueError(f"{type(self).__name__}: learning rate must be ≥ 0, got {lr}")
+        _check_hyperparameter(self, "lr", lr)
         self.lr = lr
         self.step_count = 0
         self.state = [{} for _ in self.params]  # per parameter: buffer name -> array ("step" -> int)
@@ -75,12 +74,24 @@ class Optimizer:
                       for p, saved in zip(self.params, state_dict["state"])]
 
 
+def _check_hyperparameter(optimizer, name, value, low=0.0, high=math.inf, high_open=False):
+    """A finite real number in [low, high] (or [low, high)), else a ValueError naming the optimizer and the value."""
+    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+        or not low <= value <= high or (high_open and value == high)
+    if bad:
+        upper = "∞" if high == math.inf else f"{high}"
+        raise ValueError(f"{type(optimizer).__name__}: {name} must be a finite number in [{low}, {upper}"
+                         f"{')' if high_open or high == math.inf else ']'}, got {value!r}")
+
+
 class SGD(Optimizer):
     """Stochastic gradient descent with optional momentum and L2 weight decay (torch.optim.SGD):
     g ← g + λθ;   v ← μv + g (v = g at the first step);   θ ← θ - lr·v  (θ ← θ - lr·g without momentum)."""
 
     def __init__(self, params, lr=1e-2, momentum=0.0, weight_decay=0.0):
         super().__init__(params, lr)
+        _check_hyperparameter(self, "momentum", momentum, high=1.0)
+        _check_hyperparameter(self, "weight_decay", weight_decay)
         self.momentum, self.weight_decay = momentum, weight_decay
 
     def update(self, param, grad, state):
@@ -105,6 +116,12 @@ class Adam(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(params, lr)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"{type(self).__name__}: betas must be a pair (beta1, beta2), got {betas!r}")
+        for name, beta in zip(("betas[0]", "betas[1]"), betas):
+            _check_hyperparameter(self, name, beta, high=1.0, high_open=True)
+        _check_hyperparameter(self, "eps", eps)
+        _check_hyperparameter(self, "weight_decay", weight_decay)
         self.beta1, self.beta2 = betas
         self.eps, self.weight_decay = eps, weight_decay
 
@@ -127,13 +144,28 @@ class Adam(Optimizer):
         v += squared
         bias_correction1 = 1 - self.beta1 ** t
         bias_correction2 = 1 - self.beta2 ** t
-        # the same arithmetic as one expression, computed in place on two new arrays
+        # plain: θ - lr · (m / (1-β₁ᵗ)) / (√(v / (1-β₂ᵗ)) + ε)  (update_plain), here in place on two new arrays
         denominator = xp.sqrt(v)
         denominator /= math.sqrt(bias_correction2)
         denominator += self.eps
         step = (self.lr / bias_correction1) * m
         step /= denominator
         param -= step
+
+    def update_plain(self, param, grad, state):
+        """The same step as `update`, written as the paper's algorithm box: new arrays, nothing changed in place.
+        Returns the new parameter; `state` gets the new moments."""
+        xp = get_array_module(param)
+        if self.weight_decay and self.decoupled:
+            param = param * (1 - self.lr * self.weight_decay)  # AdamW: θ ← θ(1 - lr·λ)
+        elif self.weight_decay:
+            grad = grad + self.weight_decay * param  # Adam's L2: g ← g + λθ
+        t = state.get("step", 0) + 1
+        m = self.beta1 * state.get("m", 0) + (1 - self.beta1) * grad
+        v = self.beta2 * state.get("v", 0) + (1 - self.beta2) * grad ** 2
+        m_hat, v_hat = m / (1 - self.beta1 ** t), v / (1 - self.beta2 ** t)
+        state["step"], state["m"], state["v"] = t, m, v
+        return param - self.lr * m_hat / (xp.sqrt(v_hat) + self.eps)
 
 
 class AdamW(Adam):

@@ -7,7 +7,7 @@ pyplot, so nothing here needs a display.
 
 from matplotlib.figure import Figure
 
-from .backend import numpy
+import numpy as np
 
 __all__ = ["plot_pretraining", "plot_rl", "plot_expert_load"]
 
@@ -35,7 +35,7 @@ def plot_pretraining(history, path=None):
 
 
 def _series(steps, key):
-    return numpy.array([numpy.nan if s[key] is None else s[key] for s in steps], dtype=float)
+    return np.array([np.nan if s[key] is None else s[key] for s in steps], dtype=float)
 
 
 def plot_rl(history, path=None):
@@ -79,7 +79,7 @@ def plot_expert_load(phases, path=None):
         return None
     n_layers = next(iter(loads.values())).shape[1]
     figure = Figure(figsize=(5 * len(loads), 2.4 * n_layers + 0.6))
-    axes = numpy.array(figure.subplots(n_layers, len(loads), squeeze=False))
+    axes = np.array(figure.subplots(n_layers, len(loads), squeeze=False))
     for column, (name, load) in enumerate(loads.items()):  # load: (steps, layers, experts)
         n_experts = load.shape[2]
         for layer in range(n_layers):
@@ -97,4 +97,4 @@ def _loads(history):
     else:
         rows = history.get("expert_load", [])
     rows = [r for r in rows if r]
-    return numpy.array(rows, dtype=float) if rows else None
+    return np.array(rows, dtype=float) if rows else None

@@ -137,9 +137,9 @@ def policy_entropy(logits, mask):
     """Mean entropy -Σ p log p of the policy over masked response positions (for logging; no gradient).
     logits: array (B, N, V); mask: (B, N)."""
     xp = get_array_module(logits)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    log_p = shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
-    entropy = -(xp.exp(log_p) * log_p).sum(axis=-1)  # (B, N)
+    e, total, m = F.shifted_exp(logits)
+    log_p = logits - m - xp.log(total)  # (B, N, V)
+    entropy = -(e / total * log_p).sum(axis=-1)  # (B, N)
     return (entropy * mask).sum() / xp.maximum(mask.sum(), 1)
 
 

@@ -52,12 +52,12 @@ from numbers import Real
 from types import MappingProxyType
 from typing import NamedTuple
 
-from .backend import numpy  # host-side generation of task data, never tensor arithmetic
+import numpy as np  # host-side generation of task data, never tensor arithmetic
 
 from .rewards import ANSWER, ANSWER_END, BOS, EOS, PAD, SPECIAL_TOKENS, THINK, THINK_END, combined_reward
 
 __all__ = ["Tokenizer", "Problem", "Task", "AdditionTask", "CountdownTask", "Corpus", "EncodedCorpus",
-           "build_corpus", "parse_expression", "evaluate", "ExpressionError", "STYLES", "SPLITS", "DEFAULT_MIX"]
+           "build_corpus", "parse_expression", "expression_value", "ExpressionError", "STYLES", "SPLITS", "DEFAULT_MIX"]
 
 STYLES = ("direct", "worked", "worked_with_error")
 SPLITS = ("train", "test")
@@ -111,6 +111,11 @@ class Tokenizer:
 
     def decode(self, ids):
         """The text of a sequence of token ids (a list or a 1-D host array). Special tokens are kept."""
+        ids = list(ids)
+        not_integer = [i for i in ids if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer))]
+        if not_integer:
+            raise TypeError(f"Tokenizer.decode: token ids must be integers, got {not_integer[0]!r} "
+                            f"({type(not_integer[0]).__name__})")
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
@@ -126,13 +131,13 @@ class Tokenizer:
         if isinstance(texts, str) or len(texts) == 0:
             raise ValueError("Tokenizer.encode_batch: expected a non-empty list of texts")
         encoded = [self.encode(text) for text in texts]
-        lengths = numpy.array([len(e) for e in encoded], dtype=numpy.int64)  # (B,)
+        lengths = np.array([len(e) for e in encoded], dtype=np.int64)  # (B,)
         width = int(lengths.max()) if pad_to is None else pad_to
         if lengths.max() > width:
             longest = int(lengths.argmax())
             raise ValueError(f"Tokenizer.encode_batch: text {longest} has {lengths[longest]} tokens, more than "
                              f"pad_to={pad_to}")
-        ids = numpy.full((len(texts), width), self.pad_id, dtype=numpy.int64)  # (B, T)
+        ids = np.full((len(texts), width), self.pad_id, dtype=np.int64)  # (B, T)
         for row, e in zip(ids, encoded):
             row[:len(e)] = e
         return ids, lengths
@@ -164,11 +169,11 @@ def _held_out(keys, fraction):
 
     The coin is splitmix64's finaliser (a bijective scramble of 64-bit integers) followed by a threshold.
     It depends on the key alone: not on a seed, a sample size or the Python version."""
-    z = numpy.asarray(keys, dtype=numpy.uint64) + numpy.uint64(0x9E3779B97F4A7C15)  # uint64 wraps on overflow
-    z = (z ^ (z >> numpy.uint64(30))) * numpy.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> numpy.uint64(27))) * numpy.uint64(0x94D049BB133111EB)
-    z = z ^ (z >> numpy.uint64(31))
-    return (z >> numpy.uint64(11)) < numpy.uint64(round(fraction * 2 ** 53))  # top 53 bits vs fraction·2⁵³
+    z = np.asarray(keys, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)  # uint64 wraps on overflow
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)) < np.uint64(round(fraction * 2 ** 53))  # top 53 bits vs fraction·2⁵³
 
 
 class Task:
@@ -183,7 +188,7 @@ class Task:
             raise ValueError(f"{self.name}.sample: split must be one of {SPLITS}, got {split!r}")
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"{self.name}.sample: n must be a non-negative int, got {n!r}")
-        rng = numpy.random.default_rng(rng)
+        rng = np.random.default_rng(rng)
         share = self.held_out_fraction if split == "test" else 1.0 - self.held_out_fraction
         problems = []
         while len(problems) < n:
@@ -214,7 +219,7 @@ class Task:
         elif rng is None:
             raise ValueError(f"{self.name}.solution: style 'worked_with_error' needs an rng to place the error")
         else:
-            think, answer = self._worked_with_error(problem, numpy.random.default_rng(rng))
+            think, answer = self._worked_with_error(problem, np.random.default_rng(rng))
         return f"{THINK}{think}{THINK_END}{ANSWER}{answer}{ANSWER_END}"
 
     def reward(self, problem, response, accuracy_weight=1.0, format_weight=0.1):
@@ -374,12 +379,12 @@ def _parse_atom(tokens, at):
     return int(tokens[at]), at + 1
 
 
-def evaluate(tree):
+def expression_value(tree):
     """The integer value of a tree from parse_expression."""
     if isinstance(tree, int):
         return tree
     op, left, right = tree
-    return _APPLY[op](evaluate(left), evaluate(right))
+    return _APPLY[op](expression_value(left), expression_value(right))
 
 
 def _leaves(tree):
@@ -423,10 +428,10 @@ def _derivations(numbers):
     for x, y, z in sorted(set(itertools.permutations(numbers))):
         for op1, op2 in itertools.product("+-*", repeat=2):
             inner = (op1, x, y)
-            if evaluate(inner) < 0:
+            if expression_value(inner) < 0:
                 continue
             for tree in ((op2, inner, z), (op2, z, inner)):
-                if evaluate(tree) >= 0:
+                if expression_value(tree) >= 0:
                     trees.setdefault(_render(tree), tree)
     return trees
 
@@ -436,8 +441,8 @@ def _solutions_by_target(numbers, max_target):
     """{target: [expression texts reaching it]} for targets 1..max_target, from _derivations(numbers)."""
     by_target = {}
     for text, tree in _derivations(numbers).items():
-        if 1 <= evaluate(tree) <= max_target:
-            by_target.setdefault(evaluate(tree), []).append(text)
+        if 1 <= expression_value(tree) <= max_target:
+            by_target.setdefault(expression_value(tree), []).append(text)
     return by_target
 
 
@@ -479,7 +484,7 @@ class CountdownTask(Task):
         except ExpressionError:
             return False
         # Compare the numbers before evaluating, so only the given (small) numbers are ever multiplied.
-        return sorted(_leaves(tree)) == sorted(problem.operands) and evaluate(tree) == problem.target
+        return sorted(_leaves(tree)) == sorted(problem.operands) and expression_value(tree) == problem.target
 
     def verifier(self, problem):
         return functools.partial(self.check_answer, problem)
@@ -517,7 +522,7 @@ class CountdownTask(Task):
                 s = target + other if inner_left else other - target
             else:
                 s = target // other if target % other == 0 else -1
-            true_value = evaluate(left if inner_left else right)
+            true_value = expression_value(left if inner_left else right)
             if s >= 0 and s != true_value:  # s ≠ true value ⟺ the expression misses the target
                 slips.append((abs(s - true_value), text, tree, s))
         if not slips:
@@ -534,10 +539,10 @@ class CountdownTask(Task):
 class EncodedCorpus(NamedTuple):
     """A corpus as host arrays (see Corpus.encode)."""
 
-    ids: numpy.ndarray              # (N, T) int64, right-padded with pad_id
-    lengths: numpy.ndarray          # (N,) int64 tokens per text
-    prompt_lengths: numpy.ndarray   # (N,) int64 tokens of "<bos>" + prompt
-    completion_mask: numpy.ndarray  # (N, T) bool, True on the response and its <eos>
+    ids: np.ndarray              # (N, T) int64, right-padded with pad_id
+    lengths: np.ndarray          # (N,) int64 tokens per text
+    prompt_lengths: np.ndarray   # (N,) int64 tokens of "<bos>" + prompt
+    completion_mask: np.ndarray  # (N, T) bool, True on the response and its <eos>
 
 
 @dataclass
@@ -562,8 +567,8 @@ class Corpus:
         of the completion tokens. For next-token training, inputs are ids[:, :-1], targets ids[:, 1:], and the
         loss mask is completion_mask[:, 1:] (a target counts when the token it predicts is part of the completion)."""
         ids, lengths = tokenizer.encode_batch(self.texts, pad_to)
-        prompt_lengths = numpy.array([len(tokenizer.encode(p)) for p in self.prompts], dtype=numpy.int64)
-        positions = numpy.arange(ids.shape[1])  # (T,)
+        prompt_lengths = np.array([len(tokenizer.encode(p)) for p in self.prompts], dtype=np.int64)
+        positions = np.arange(ids.shape[1])  # (T,)
         mask = (positions >= prompt_lengths[:, None]) & (positions < lengths[:, None])  # (N, T)
         return EncodedCorpus(ids, lengths, prompt_lengths, mask)
 
@@ -592,9 +597,9 @@ def build_corpus(task, n, rng, mix=DEFAULT_MIX, split="train"):
     """n pretraining texts for `task` from `split`, in the styles and proportions of `mix` (exact counts by
     largest-remainder rounding, shuffled), drawn with `rng` (a numpy Generator or an int seed)."""
     counts = _style_counts(mix, n)
-    rng = numpy.random.default_rng(rng)
+    rng = np.random.default_rng(rng)
     problems = task.sample(rng, n, split)
-    styles = [STYLES[i] for i in rng.permutation(numpy.repeat(numpy.arange(len(STYLES)),
+    styles = [STYLES[i] for i in rng.permutation(np.repeat(np.arange(len(STYLES)),
                                                               [counts[s] for s in STYLES]))]
     prompts = [BOS + p.prompt for p in problems]
     completions = [task.solution(p, style, rng) + EOS for p, style in zip(problems, styles)]

@@ -10,8 +10,10 @@
 import contextlib
 import os
 
+import numpy as np
+
 from .autograd import Tensor
-from .backend import backend_of, numpy
+from .backend import backend_of
 
 __all__ = ["check_close", "check_shape", "to_numpy", "exercise", "ExerciseNotDone", "STRICT_ENV"]
 
@@ -27,7 +29,7 @@ def to_numpy(value):
     try:
         return backend_of(value).to_numpy(value)
     except TypeError:
-        return numpy.asarray(value)
+        return np.asarray(value)
 
 
 def check_close(actual, expected, atol=1e-10, rtol=1e-10, name="value", quiet=False):
@@ -38,16 +40,16 @@ def check_close(actual, expected, atol=1e-10, rtol=1e-10, name="value", quiet=Fa
         raise AssertionError(f"{name}: shape {a.shape} differs from the expected {e.shape}")
     if a.size == 0:
         return
-    a64, e64 = a.astype(numpy.float64), e.astype(numpy.float64)
-    difference = numpy.abs(a64 - e64)
-    both_nan = numpy.isnan(a64) & numpy.isnan(e64)
-    excess = numpy.where(both_nan, 0.0, difference - (atol + rtol * numpy.abs(e64)))
-    worst = float(numpy.nanmax(numpy.where(both_nan, 0.0, difference)))
-    ok = bool(numpy.all(excess <= 0))
+    a64, e64 = a.astype(np.float64), e.astype(np.float64)
+    difference = np.abs(a64 - e64)
+    both_nan = np.isnan(a64) & np.isnan(e64)
+    excess = np.where(both_nan, 0.0, difference - (atol + rtol * np.abs(e64)))
+    worst = float(np.nanmax(np.where(both_nan, 0.0, difference)))
+    ok = bool(np.all(excess <= 0))
     if not quiet or not ok:
         print(f"{name}: max |diff| {worst:.3g} (atol {atol:g}, rtol {rtol:g})  {'ok' if ok else 'MISMATCH'}")
     if not ok:
-        at = numpy.unravel_index(numpy.nanargmax(numpy.nan_to_num(excess, nan=numpy.inf)), excess.shape)
+        at = np.unravel_index(np.nanargmax(np.nan_to_num(excess, nan=np.inf)), excess.shape)
         raise AssertionError(f"{name}: mismatch at index {tuple(int(i) for i in at)}: got {float(a64[at])!r}, "
                              f"expected {float(e64[at])!r} (max |diff| {worst:.3g})")
 

@@ -79,10 +79,14 @@ def lm_batch(corpus, tokenizer, backend=None):
 
 
 def lm_loss(model, inputs, targets):
-    """(total, lm): the next-token loss on the completion tokens, and the same plus the MoE balance terms."""
-    lm = F.cross_entropy(model(inputs), targets, ignore_index=IGNORE)
-    balance = model.balance_loss()
-    return (lm if balance is None else lm + balance), lm
+    """(total, lm): the next-token loss on the completion tokens, and the same plus the MoE balance terms and,
+    for a model with multi-token prediction modules, λ·L_MTP (DeepSeek-V3 §2.2; its value is then kept in
+    model.last_mtp_loss)."""
+    lm = F.cross_entropy(model(inputs, mtp=model.config.n_mtp_modules > 0), targets, ignore_index=IGNORE)
+    total = lm
+    for extra in (model.balance_loss(), model.mtp_loss(targets, IGNORE)):
+        total = total if extra is None else total + extra
+    return total, lm
 
 
 def make_optimizer(model, config, total_steps):
@@ -105,7 +109,8 @@ def heldout_loss(model, task, tokenizer, config, seed=12345):
 def pretrain(model, task, config=None, tokenizer=None, out_dir=None, resume_from=None, progress=True,
              on_step=None, on_eval=None, overwrite=False):
     """Pretrain `model` on `task`'s mixed corpus. Returns the history:
-    {"step", "loss", "lm_loss", "lr", "grad_norm", "expert_load", "router_entropy": per-step lists;
+    {"step", "loss", "lm_loss", "lr", "grad_norm", "expert_load", "router_entropy" (and "mtp_loss", the mean
+     of the MTP modules' losses, when the model has them): per-step lists;
      "eval": [{"step", "heldout_loss", ...}], "seconds": wall time}.
 
     out_dir      -- the run folder, where the checkpoint `pretrain_last.npz` goes; None: no checkpoints. A folder
@@ -127,11 +132,12 @@ def pretrain(model, task, config=None, tokenizer=None, out_dir=None, resume_from
         history = run.resume(history)
         model.train()
         for step in run.steps():
+            model.set_training_progress((step - 1) / config.steps)  # the MTP loss weight's schedule
             record = pretrain_step(model, optimizer, scheduler, task, tokenizer, config, run.data_rng)
             run.check_loss(step, record["loss"])
             record = {"step": step, **record}
             for key, value in record.items():
-                history[key].append(value)
+                history.setdefault(key, []).append(value)
             run.show(loss=f"{record['loss']:.3f}")
             if on_step:
                 on_step(step, record)
@@ -154,5 +160,8 @@ def pretrain_step(model, optimizer, scheduler, task, tokenizer, config, data_rng
     grad_norm = optimizer_step(model, optimizer, scheduler, loss, config.grad_clip)
     model.update_routing_bias()
     loss_value = loss.item()  # the one host read per step: for the log, and the divergence check
-    return {"loss": loss_value, "lm_loss": lm.item(), "lr": lr, "grad_norm": grad_norm.item(),
-            **model.routing_summary()}
+    record = {"loss": loss_value, "lm_loss": lm.item(), "lr": lr, "grad_norm": grad_norm.item(),
+              **model.routing_summary()}
+    if model.config.n_mtp_modules:
+        record["mtp_loss"] = model.last_mtp_loss.item()  # the MTP modules' mean loss, before the weight λ
+    return record

@@ -4,13 +4,14 @@ properties RoPE and causality promise; the errors; the cache sizes."""
 
 import numpy as np
 import pytest
-import torch
 
 import minimoe
 import minimoe.functional as F
 from minimoe.nn import MHA, MLA, KVCache, LatentCache, RotaryEmbedding, compare_cache_sizes
 from minimoe.testing import check_close, to_numpy
-from reference import attention as twin
+from parity import torch, twin as load_twin
+
+twin = load_twin("attention")
 
 RTOL, ATOL = 1e-8, 1e-12
 DIM, MAX_SEQ_LEN, BATCH, TOKENS = 16, 12, 2, 7
@@ -24,29 +25,35 @@ LAYERS = {
     "mla_q_lora_absorbed": (MLA, dict(dim=DIM, n_heads=3, max_seq_len=MAX_SEQ_LEN, q_lora_rank=6, absorb=True,
                                       **MLA_SIZES)),
 }
-TWINS = {MHA: twin.MHA, MLA: twin.MLA}
 
 
 def host(*shape, seed=1):
     return np.random.default_rng(seed).standard_normal(shape)
 
 
-def make(name):
-    """A minimoe layer (current backend) and its twin holding the same weights. Norm weights are randomised:
-    at their initial ones a mistake in them would go unseen."""
+def make_layer(name):
+    """A minimoe layer (current backend). Norm weights are randomised: at their initial ones a mistake in them
+    would go unseen."""
     cls, kwargs = LAYERS[name]
     layer = cls(**kwargs)
     state = {k: v + minimoe.tensor(host(*v.shape, seed=7)).data * 0.3 if k.endswith("norm.weight") else v
              for k, v in layer.state_dict().items()}
     layer.load_state_dict(state)
-    reference = TWINS[cls](**kwargs)
+    return layer
+
+
+def make(name):
+    """A minimoe layer and its twin holding the same weights."""
+    layer = make_layer(name)
+    cls, kwargs = LAYERS[name]
+    reference = {MHA: twin.MHA, MLA: twin.MLA}[cls](**kwargs)
     reference.load_state_dict({k: torch.tensor(to_numpy(v)) for k, v in layer.state_dict().items()})
     return layer, reference
 
 
 def decode(layer, x, chunks):
     """Run x (B, T, dim) through the layer piece by piece with a cache: chunks are the pieces' lengths."""
-    is_twin = isinstance(layer, torch.nn.Module)
+    is_twin = not isinstance(layer, minimoe.nn.Module)
     context = torch.no_grad() if is_twin else minimoe.no_grad()
     pieces, start = [], 0
     with context:
@@ -180,7 +187,7 @@ def test_mla_absorbed_equals_plain_in_training(backend, float64, q_lora_rank):
 def test_layer_depends_only_on_relative_positions(backend, float64):
     """Without a cache, moving every token by the same number of positions changes nothing."""
     for name in ("mha", "mla_absorbed"):
-        layer, _ = make(name)
+        layer = make_layer(name)
         x = minimoe.tensor(host(BATCH, 4, DIM))
         check_close(layer(x, start_pos=5), layer(x), ATOL, RTOL, name=f"{name} shifted by 5")
 
@@ -188,7 +195,7 @@ def test_layer_depends_only_on_relative_positions(backend, float64):
 @pytest.mark.parametrize("name", ["mha", "mla", "mla_absorbed"])
 def test_causality(backend, float64, name):
     """Changing token 4 never changes the outputs of tokens 0..3, and does change token 4's."""
-    layer, _ = make(name)
+    layer = make_layer(name)
     x_host = host(BATCH, TOKENS, DIM)
     changed = x_host.copy()
     changed[:, 4] += 1.0
@@ -225,7 +232,7 @@ def test_mla_absorbed_equals_plain_in_decoding(backend, float64, q_lora_rank):
 
 
 def test_caches_hold_what_they_promise(backend, float64):
-    mha, mla, absorbed = make("mha")[0], make("mla")[0], make("mla_absorbed")[0]
+    mha, mla, absorbed = make_layer("mha"), make_layer("mla"), make_layer("mla_absorbed")
     cache = mha.new_cache(BATCH, 10)
     assert isinstance(cache, KVCache) and cache.keys.shape == cache.values.shape == (BATCH, 4, 10, 4)
     cache = mla.new_cache(BATCH)
@@ -246,7 +253,7 @@ def test_caches_hold_what_they_promise(backend, float64):
 
 def test_cache_bytes_per_token(backend, float64):
     for name, numbers in (("mha", 2 * DIM), ("mla", 3 * (4 + 6 + 5)), ("mla_absorbed", 8 + 6)):
-        layer = make(name)[0]
+        layer = make_layer(name)
         assert layer.cache_bytes_per_token() == numbers * 8
         assert layer.cache_bytes_per_token("float32") == numbers * 4
         assert layer.new_cache(1, 5).bytes_per_token == numbers * 8
@@ -254,7 +261,8 @@ def test_cache_bytes_per_token(backend, float64):
 
 
 def test_deepseek_v3_cache_sizes():
-    """REFERENCE.md: V3's shapes give 576 numbers per token per layer for MLA against 40,960 for per-head k and v."""
+    """DeepSeek-V3's shapes (arXiv 2412.19437, §4.2: 128 heads, d_c = 512, d_h^R = 64, head size 128) give 576
+    numbers per token per layer for MLA against 40,960 for per-head k and v."""
     v3 = dict(n_heads=128, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, kv_lora_rank=512)
     sizes = compare_cache_sizes(**v3, dtype="float16")
     assert (sizes["mla_numbers"], sizes["mha_numbers"]) == (576, 40_960)
@@ -277,7 +285,7 @@ def test_clear_errors(backend, float64):
         MLA(16, 2, 8, kv_lora_rank=4, qk_nope_head_dim=4, qk_rope_head_dim=3, v_head_dim=4)
     with pytest.raises(ValueError, match=r"MLA: sizes must be positive integers.*kv_lora_rank"):
         MLA(16, 2, 8, kv_lora_rank=0, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4)
-    mha, mla = make("mha")[0], make("mla_absorbed")[0]
+    mha, mla = make_layer("mha"), make_layer("mla_absorbed")
     with pytest.raises(ValueError, match=r"MHA: positions 10\.\.12 do not fit max_seq_len=12 "
                                          r"\(start_pos=10 \+ 3 tokens = 13 > 12\)"):
         mha(minimoe.tensor(host(1, 3, DIM)), start_pos=10)
@@ -293,7 +301,7 @@ def test_clear_errors(backend, float64):
 
 
 def test_clear_cache_errors(backend, float64):
-    mha, mla = make("mha")[0], make("mla_absorbed")[0]
+    mha, mla = make_layer("mha"), make_layer("mla_absorbed")
     x = minimoe.tensor(host(BATCH, 2, DIM))
     with pytest.raises(RuntimeError, match=r"MHA: a key/value cache .*no_grad"):
         mha(x, 0, mha.new_cache(BATCH))
@@ -322,7 +330,7 @@ def test_sdpa_error_names_the_op_and_positions(backend, float64):
 
 @pytest.mark.parametrize("name", ["mha", "mla_q_lora_absorbed"])
 def test_state_dict_round_trip(backend, float64, name):
-    layer = make(name)[0]
+    layer = make_layer(name)
     expected_names = {
         "mha": {"wq.weight", "wk.weight", "wv.weight", "wo.weight"},
         "mla_q_lora_absorbed": {"wq_a.weight", "q_norm.weight", "wq_b.weight", "wkv_a.weight", "kv_norm.weight",

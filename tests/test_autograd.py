@@ -7,7 +7,6 @@ import weakref
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import array_shapes
 
@@ -16,7 +15,7 @@ import minimoe.functional as F
 from minimoe import Function, GradcheckError, ShapeError, gradcheck
 from minimoe.optim import Adam, clip_grad_norm_
 from minimoe.testing import check_close, to_numpy
-from parity import check_op
+from parity import check_op, torch
 
 
 def leaf(values, requires_grad=True):
@@ -136,8 +135,12 @@ def test_backward_with_an_explicit_gradient(backend):
     check_close(a.grad, upstream * b_values, name="a.grad")
     check_close(b.grad, upstream * a_values, name="b.grad")
     a.grad = None
-    (a * b).backward(upstream)  # a host array is accepted and copied onto the tensor's backend
-    check_close(a.grad, upstream * b_values, name="a.grad from a host gradient")
+    if backend.device == "cpu":
+        (a * b).backward(upstream)  # on NumPy a host array is the backend's own array
+        check_close(a.grad, upstream * b_values, name="a.grad from a host gradient")
+    else:  # a device tensor refuses a host gradient, as CuPy would: no implicit copy to the device
+        with pytest.raises(TypeError, match="host ndarray.*nothing is copied to the device implicitly"):
+            (a * b).backward(upstream)
 
 
 def test_zero_dimensional_tensors_throughout(backend):
@@ -211,7 +214,7 @@ def test_backward_on_a_non_scalar_needs_a_gradient(backend):
     with pytest.raises(RuntimeError, match=r"one-element tensor.*shape \(2, 3\).*backward\(grad\)"):
         y.backward()
     with pytest.raises(ShapeError, match=r"gradient of shape \(3,\) for a tensor of shape \(2, 3\)"):
-        y.backward(np.ones(3))
+        y.backward(minimoe.tensor(np.ones(3)))
 
 
 def test_backward_through_a_freed_graph(backend):
@@ -259,7 +262,7 @@ class _Scale(Function):
 
 def test_engine_checks_what_backward_returns(backend):
     x = leaf(np.ones((2, 3)))
-    upstream = np.arange(6.0).reshape(2, 3)
+    upstream = minimoe.tensor(np.arange(6.0).reshape(2, 3), dtype=x.dtype)
     with pytest.raises(ShapeError, match=r"_scale.backward: returned a gradient of shape \(3, 2\) for an input of "
                                          r"shape \(2, 3\)"):
         _Scale(lambda g: 2 * g.T)(x).backward(upstream)
@@ -470,3 +473,50 @@ def test_permute_and_reshape_round_trips(shape, data):
     np.testing.assert_array_equal(to_numpy(x.grad), np.transpose(upstream, inverse))
     check_op(lambda a: a.permute(*order).reshape(-1), lambda t: t.permute(*order).reshape(-1), arrays=[values],
              gradcheck=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# looking inside: retain_grad, and the names a reader meets
+# --------------------------------------------------------------------------------------------------------------
+
+def test_retain_grad_keeps_an_intermediate_gradient(backend):
+    x = leaf(np.array([1.0, -2.0, 3.0]))
+    h = x * x  # dL/dh = 2 (from 2h) + 1 (from h) = 3 everywhere
+    h.retain_grad()
+    ((h * 2.0) + h).sum().backward()
+    check_close(h.grad, np.full(3, 3.0), name="h.grad")
+    check_close(x.grad, 3.0 * 2 * np.array([1.0, -2.0, 3.0]), name="x.grad")
+    unretained = x * 3.0
+    (unretained * 1.0).sum().backward()
+    assert unretained.grad is None  # only asked-for intermediates keep a gradient
+
+
+def test_retain_grad_needs_a_tensor_that_requires_grad():
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        minimoe.tensor([1.0]).retain_grad()
+    x = minimoe.tensor([1.0], requires_grad=True)
+    x.retain_grad()  # a leaf: nothing to do
+    (x * 2.0).sum().backward()
+    assert x.grad.tolist() == [2.0]
+
+
+def test_gradients_the_engine_owns_are_never_shared_with_a_backward():
+    """Fan-out: y feeds three ops, two of which (Add) hand their g on unchanged; the sum the engine builds for y
+    must be a new array, so adding into it never changes an upstream gradient."""
+    x = minimoe.tensor([1.0, 2.0], requires_grad=True, dtype="float64")
+    y = x * 1.0
+    y.retain_grad()
+    z = y + y
+    w = z + y
+    upstream = minimoe.tensor([1.0, 10.0], dtype="float64")
+    (w * 1.0).backward(upstream)
+    assert y.grad.tolist() == [3.0, 30.0] and x.grad.tolist() == [3.0, 30.0] and upstream.tolist() == [1.0, 10.0]
+
+
+def test_device_rng_and_to_host_are_public():
+    assert minimoe.device_rng is minimoe.backend.device_rng
+    assert minimoe.to_host is minimoe.backend.to_host
+    with minimoe.use_backend("fakegpu"):
+        host = minimoe.to_host(minimoe.tensor([1.0, 2.0]).data)
+    assert type(host) is np.ndarray and host.tolist() == [1.0, 2.0]
+    assert minimoe.to_host([3, 4]) == [3, 4]

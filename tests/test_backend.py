@@ -4,6 +4,7 @@ refuses, so that a host array hidden in an op fails here on the CPU instead of o
 import os
 import subprocess
 import sys
+import types
 
 import numpy
 import pytest
@@ -67,9 +68,9 @@ def test_unknown_backend_name():
 def _cupy_usable():
     try:
         import cupy
-    except ImportError:
+        return bool(cupy.is_available())
+    except Exception:  # not installed, or CuPy 13 raising where there is no driver
         return False
-    return bool(cupy.is_available())
 
 
 @pytest.mark.skipif(_cupy_usable(), reason="CuPy has a GPU here, so set_backend('cupy') succeeds")
@@ -114,6 +115,106 @@ def test_environment_variable_chooses_the_backend():
     result = _backend_in_a_fresh_python("tpu")
     assert result.returncode != 0
     assert "MINIMOE_BACKEND='tpu': unknown backend 'tpu'" in result.stderr
+
+
+def _run_in_a_fresh_python(code, backend_variable):
+    environment = {key: v for key, v in os.environ.items() if key != "MINIMOE_BACKEND"}
+    environment["MINIMOE_BACKEND"] = backend_variable
+    return subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, env=environment, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.skipif(_cupy_usable(), reason="CuPy has a GPU here")
+def test_an_unusable_environment_backend_fails_at_use_not_at_import():
+    result = _run_in_a_fresh_python("import minimoe, minimoe.functional; print('imported')", "cupy")
+    assert result.returncode == 0 and result.stdout.strip() == "imported", result.stderr
+    result = _run_in_a_fresh_python("import minimoe; minimoe.tensor([1.0])", "cupy")
+    assert result.returncode != 0 and "environment variable MINIMOE_BACKEND='cupy'" in result.stderr
+    assert "overrides it" in result.stderr
+    overridden = _run_in_a_fresh_python("import minimoe; minimoe.set_backend('numpy'); "
+                                        "print(minimoe.tensor([1.0]).backend.name)", "cupy")
+    assert overridden.returncode == 0 and overridden.stdout.strip() == "numpy", overridden.stderr
+
+
+class _FakeCupy(types.ModuleType):
+    """A stand-in `cupy` module: is_available() and the smoke ops behave as told."""
+
+    def __init__(self, available=True, failing=None):
+        super().__init__("cupy")
+        self._available, self._failing = available, failing
+        self.float32, self.ndarray = numpy.float32, _FakeCupyArray
+
+    def is_available(self):
+        if isinstance(self._available, Exception):
+            raise self._available
+        return self._available
+
+    def arange(self, n, dtype=None):
+        return _FakeCupyArray(numpy.arange(n, dtype=dtype), self._failing)
+
+
+class _FakeCupyArray:
+    def __init__(self, array, failing):
+        self.array, self.failing = array, failing
+
+    def _fail(self, what, result):
+        if self.failing == what:
+            raise RuntimeError(f"simulated failure: {what}")
+        return _FakeCupyArray(result, self.failing)
+
+    def reshape(self, *shape):
+        return _FakeCupyArray(self.array.reshape(*shape), self.failing)
+
+    def __mul__(self, other):
+        return self._fail("elementwise", self.array * other)
+
+    def __add__(self, other):
+        return self._fail("elementwise", self.array + other)
+
+    def __matmul__(self, other):
+        return self._fail("matmul", self.array @ other.array)
+
+    def sum(self, axis=None):
+        return self._fail("sum", self.array.sum(axis=axis))
+
+    def __getitem__(self, index):
+        return _FakeCupyArray(self.array[index], self.failing)
+
+    def item(self):
+        return self._fail("item", self.array).array.item()
+
+
+def _with_fake_cupy(monkeypatch, module):
+    """Import `module` as cupy, with registries of backends that the test may change and that are put back."""
+    monkeypatch.setitem(sys.modules, "cupy", module)
+    monkeypatch.setattr(backend_module, "_backends",
+                        {name: b for name, b in backend_module._backends.items() if name != "cupy"})
+    monkeypatch.setattr(backend_module, "_backend_by_array_type", dict(backend_module._backend_by_array_type))
+
+
+def test_cupy_13_raising_is_available_is_a_clear_refusal(monkeypatch):
+    """CuPy 13 raises from is_available() where there is no driver (CuPy 14 returns False)."""
+    _with_fake_cupy(monkeypatch, _FakeCupy(available=RuntimeError("cudaErrorInsufficientDriver: CUDA driver "
+                                                                    "version is insufficient")))
+    with pytest.raises(BackendUnavailableError, match=r"is_available\(\) raised RuntimeError: "
+                                                      r"cudaErrorInsufficientDriver.*'numpy' backend"):
+        minimoe.set_backend("cupy")
+    assert "cupy" not in minimoe.available_backends()
+    assert minimoe.get_backend().name == "numpy"
+
+
+@pytest.mark.parametrize("failing, named", [("elementwise", "NVRTC"), ("matmul", "cuBLAS"), ("sum", "reduction"),
+                                            ("item", r"\.item\(\)")])
+def test_cupy_smoke_test_names_the_missing_piece(monkeypatch, failing, named):
+    _with_fake_cupy(monkeypatch, _FakeCupy(failing=failing))
+    with pytest.raises(BackendUnavailableError, match=f"CuPy sees a GPU, but .*{named}.*simulated failure"):
+        minimoe.set_backend("cupy")
+
+
+def test_cupy_that_works_passes_the_smoke_test(monkeypatch):
+    _with_fake_cupy(monkeypatch, _FakeCupy())
+    chosen = backend_module.backend_named("cupy")
+    assert chosen.name == "cupy" and chosen.xp is sys.modules["cupy"]
 
 
 def test_get_array_module():
@@ -253,3 +354,108 @@ def test_library_ops_run_on_fakegpu(backend):
     loss.backward()
     assert type(x.grad) is backend.array_type and type(w.grad) is backend.array_type
     assert numpy.isfinite(to_numpy(w.grad)).all()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# fakegpu is as strict as CuPy 13/14 (each of these passed silently on an earlier stand-in)
+# --------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call", [lambda d: d + [1.0, 2.0], lambda d: (1.0, 2.0) * d,
+                                  lambda d: FAKE.xp.maximum(d, [0.0, 5.0]), lambda d: FAKE.xp.where(d > 1, [1, 2], d),
+                                  lambda d: FAKE.xp.where(d > 1, d, (0.0, 0.0))],
+                         ids=["add_list", "mul_tuple", "ufunc_list", "where_list", "where_tuple"])
+def test_fakegpu_refuses_lists_and_tuples_as_operands(call):
+    with pytest.raises(TypeError, match="CuPy refuses lists and tuples"):
+        call(fake_array([1.0, 2.0]))
+
+
+def test_fakegpu_still_takes_lists_of_arrays_and_shapes():
+    device = fake_array([1.0, 2.0])
+    assert FAKE.xp.concatenate([device, device]).shape == (4,) and device.reshape((2, 1)).shape == (2, 1)
+
+
+def test_fakegpu_arrays_have_no_writeable_flag_setflags_or_index():
+    device = fake_array([1.0, 2.0])
+    assert device.flags.c_contiguous and device.flags["C_CONTIGUOUS"]
+    with pytest.raises(AttributeError):
+        device.flags.writeable = False
+    with pytest.raises(AttributeError, match="setflags"):
+        device.setflags(write=False)
+    with pytest.raises(TypeError):
+        [10, 20, 30][fake_array(1)]  # CuPy arrays are not Python indices (__index__)
+
+
+def test_fakegpu_ufunc_reduce_only_for_add_and_multiply():
+    device = fake_array([1.0, 3.0, 2.0])
+    with pytest.raises(TypeError, match=r"maximum.reduce is not in CuPy.*xp.max"):
+        FAKE.xp.maximum.reduce(device)
+    with pytest.raises(TypeError, match="reduce is not in CuPy"):
+        numpy.maximum.reduce(device)
+    assert FAKE.xp.add.reduce(device).item() == 6.0
+
+
+def test_fakegpu_sorts_like_cupy_13():
+    device = fake_array([3.0, 1.0, 2.0])
+    with pytest.raises(TypeError, match="kind=None or 'stable' only"):
+        FAKE.xp.argsort(device, kind="quicksort")
+    with pytest.raises(TypeError, match="kind=None or 'stable' only"):
+        FAKE.xp.sort(device, kind="heapsort")
+    with pytest.raises(TypeError, match="takes only `axis`"):
+        device.argsort(kind="stable")
+    assert FAKE.xp.argsort(device, kind="stable").tolist() == device.argsort().tolist() == [1, 2, 0]
+
+
+@pytest.mark.parametrize("method", ["permutation", "choice", "normal", "shuffle", "bit_generator"])
+def test_fakegpu_generator_has_only_cupys_methods(method):
+    generator = FAKE.random_generator(0)
+    with pytest.raises(AttributeError, match=f"device generator has no '{method}'"):
+        getattr(generator, method)
+    assert type(generator.random((2,), dtype=numpy.float32)) is FakeGpuArray
+
+
+def test_fakegpu_wraps_out_of_range_indices_as_cupy_does():
+    device = fake_array([10.0, 20.0, 30.0])
+    index = FAKE.xp.asarray([3, -4, 1])
+    assert device[index].tolist() == [10.0, 30.0, 20.0]  # 3 -> 0 and -4 -> -1: no IndexError
+    assert FAKE.xp.take_along_axis(device, index, axis=0).tolist() == [10.0, 30.0, 20.0]
+    target = FAKE.xp.zeros(3)
+    FAKE.xp.add.at(target, index, 1.0)
+    assert target.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_fakegpu_names_the_implicit_upload_of_a_host_index():
+    device = fake_array([10.0, 20.0, 30.0])
+    with pytest.raises(TypeError, match=r"CuPy would copy the index to the device implicitly.*asarray\(index\)"):
+        device[numpy.array([0, 1])]
+
+
+def test_fakegpu_adds_at_in_a_shuffled_order():
+    """Atomic adds on a GPU land in any order, so float sums differ in their last bits from run to run; the
+    stand-in shuffles them. (Here: many values whose float32 sum depends on the order.)"""
+    values = FAKE.xp.asarray(numpy.random.default_rng(0).standard_normal(4000).astype(numpy.float32) * 1e3)
+    index = FAKE.xp.zeros(4000, dtype=numpy.int64)
+    sums = set()
+    for _ in range(5):
+        target = FAKE.xp.zeros(1, dtype=numpy.float32)
+        FAKE.xp.add.at(target, index, values)
+        sums.add(target.item())
+    assert len(sums) > 1
+    assert max(sums) - min(sums) < 1e-2 * abs(max(sums)) + 1.0
+
+
+def test_fakegpu_counts_host_reads():
+    from minimoe.backend import host_reads
+
+    device = fake_array([1.0, 0.0, 2.0])
+    before = host_reads()
+    device.get(), device.item if False else None, device.sum().item(), device.tolist(), bool(device[0] > 0)
+    int(device[0]), float(device[0])
+    assert host_reads() - before == 6
+    before = host_reads()
+    FAKE.xp.bincount(FAKE.xp.asarray([0, 1, 1]))  # CuPy reads min and max back
+    device[device > 0]  # the result's size depends on the mask
+    device.nonzero()
+    assert host_reads() - before == 4
+    before = host_reads()
+    (device * 2 + 1).sum(), FAKE.xp.argsort(device, kind="stable"), device[FAKE.xp.asarray([0, 2])]
+    assert host_reads() == before  # pure device work reads nothing back

@@ -1,6 +1,7 @@
 """The benchmark suite's PyTorch twin (benchmarks/torch_model.py) computes what minimoe computes — logits, every
 parameter's gradient and greedy generations, in float64 — so that its timings compare like with like. And the
-suite's GPU path says why it skips on a machine without a GPU."""
+suite's GPU path says why it skips on a machine without a GPU. The suite times minimoe against PyTorch, so
+without torch the whole file skips."""
 
 import dataclasses
 import sys
@@ -8,14 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as TF
-
 import minimoe
 import minimoe.functional as F
 from minimoe.generate import generate
 from minimoe.model import ModelConfig, Transformer
 from minimoe.testing import check_close, to_numpy
+from parity import require_torch
+
+torch = require_torch()
+import torch.nn.functional as TF  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import torch_model  # noqa: E402

@@ -5,13 +5,13 @@ masking, noisy routing, clear errors and the state dict."""
 
 import numpy as np
 import pytest
-import torch
 
 import minimoe
 from minimoe.nn import MLP, Expert, Gate, GroupedLinear, MoE, Renormalize
 from minimoe.testing import check_close, to_numpy
-from parity import check_op
-from reference import moe as twin
+from parity import check_op, torch, twin as load_twin
+
+twin = load_twin("moe")
 
 DIM, INTER = 16, 12
 RTOL, ATOL = 1e-8, 1e-12
@@ -316,6 +316,52 @@ def test_group_masking_uses_minus_infinity(backend, float64):
     masked_by_zero = np.where(np.arange(2)[None, :, None] == best_group[:, None, None], choice, 0.0)
     zero_choice = np.argsort(-masked_by_zero.reshape(40, 8), axis=-1)[:, :2] // 4
     assert np.all(zero_choice != best_group[:, None])  # the trap: 0 would have picked only masked experts
+
+
+def deepseek_v3_reference_select(scores, bias, n_groups, topk_groups, top_k):
+    """The selection of DeepSeek-V3's inference/model.py `Gate.forward`, transcribed: the group score is the max
+    without a bias and the sum of the top-2 biased scores with one, whatever the score function."""
+    if bias is not None:
+        scores = scores + bias
+    scores = scores.view(scores.shape[0], n_groups, -1)
+    group_scores = scores.amax(dim=-1) if bias is None else scores.topk(2, dim=-1)[0].sum(dim=-1)
+    indices = group_scores.topk(topk_groups, dim=-1)[1]
+    mask = scores.new_ones(scores.shape[0], n_groups, dtype=bool).scatter_(1, indices, False)
+    return torch.topk(scores.masked_fill_(mask.unsqueeze(-1), float("-inf")).flatten(1), top_k, dim=-1)[1]
+
+
+@pytest.mark.parametrize("score_func, has_bias, expected", [("sigmoid", False, 0), ("softmax", True, 3)])
+def test_group_score_follows_the_bias_as_deepseek_v3(backend, float64, score_func, has_bias, expected):
+    """Group A = experts 0-2 with scores ∝ (0.9, 0.1, 0.1), group B = experts 3-5 with (0.6, 0.6, 0.6): A has the
+    best expert (max rule), B the best pair (top-2 rule). V3's reference decides by the bias: without one the max
+    picks A (expert 0), with one the top-2 sum picks B (expert 3). A rule by score function (max for softmax,
+    top-2 for sigmoid) would choose the other expert in both cases."""
+    xp = minimoe.get_backend().xp
+    wanted = np.array([0.9, 0.1, 0.1, 0.6, 0.6, 0.6])
+    logits = np.log(wanted / (1 - wanted)) if score_func == "sigmoid" else np.log(wanted)  # softmax ∝ wanted
+    gate = Gate(1, 6, 1, score_func=score_func, n_groups=2, topk_groups=1, bias_update_speed=1e-3 * has_bias)
+    gate.weight.data = xp.asarray(logits[:, None])  # (E, dim=1): x = 1 gives these logits
+    routing = gate(minimoe.tensor(np.ones((1, 1))))
+    assert int(to_numpy(routing.indices)[0, 0]) == expected
+    scores = torch.from_numpy(to_numpy(routing.scores))
+    bias = torch.zeros(6, dtype=torch.float64) if has_bias else None
+    assert int(deepseek_v3_reference_select(scores, bias, 2, 1, 1)[0, 0]) == expected
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_group_limited_selection_matches_deepseek_v3_reference(backend, float64, score_func, has_bias):
+    """Random routing of 300 tokens over 4 groups of 3 experts, 2 groups kept, top-3: the same experts as the
+    transcribed reference, for each score function with and without a (non-zero) bias."""
+    rng = np.random.default_rng(3)
+    gate = Gate(DIM, 12, 3, score_func=score_func, n_groups=4, topk_groups=2, bias_update_speed=1e-3 * has_bias)
+    if has_bias:
+        gate.bias = minimoe.get_backend().xp.asarray(rng.normal(scale=0.1, size=12))
+    routing = gate(minimoe.tensor(rng.normal(size=(300, DIM))))
+    scores = torch.from_numpy(to_numpy(routing.scores))
+    bias = torch.from_numpy(to_numpy(gate.bias)) if has_bias else None
+    expected = deepseek_v3_reference_select(scores, bias, 4, 2, 3)
+    np.testing.assert_array_equal(np.sort(to_numpy(routing.indices), axis=-1), np.sort(expected.numpy(), axis=-1))
 
 
 # ---- noise --------------------------------------------------------------------------------------------------

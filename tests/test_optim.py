@@ -6,13 +6,12 @@ no token chose gets none): optimizers must skip it then, buffers and step count 
 
 import numpy as np
 import pytest
-import torch
-from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 import minimoe
 import minimoe.functional as F
 from minimoe.optim import SGD, Adam, AdamW, WarmupCosine, clip_grad_norm_, warmup_cosine
 from minimoe.testing import check_close, to_numpy
+from parity import torch
 
 TOL = 1e-10
 STEPS = 6
@@ -139,9 +138,10 @@ def test_warmup_cosine_matches_torch_schedulers(backend):
     mine = AdamW(twins.mine, lr=base, weight_decay=0.1)
     schedule = WarmupCosine(mine, warmup, total, min_lr=min_lr)
     theirs = torch.optim.AdamW(twins.theirs, lr=base, weight_decay=0.1)
-    torch_schedule = SequentialLR(theirs, [LinearLR(theirs, start_factor=1 / warmup, total_iters=warmup - 1),
-                                           CosineAnnealingLR(theirs, T_max=total - warmup, eta_min=min_lr)],
-                                  milestones=[warmup])
+    schedulers = torch.optim.lr_scheduler
+    torch_schedule = schedulers.SequentialLR(theirs, [
+        schedulers.LinearLR(theirs, start_factor=1 / warmup, total_iters=warmup - 1),
+        schedulers.CosineAnnealingLR(theirs, T_max=total - warmup, eta_min=min_lr)], milestones=[warmup])
     for step in range(total):
         expected = theirs.param_groups[0]["lr"]
         assert mine.lr == pytest.approx(expected, rel=1e-12, abs=0), f"learning rate at step {step}"
@@ -221,7 +221,7 @@ def test_optimizer_rejects_bad_parameters_and_states():
         Adam([p, minimoe.tensor([1.0])])
     with pytest.raises(ValueError, match="parameter 1 is parameter 0 again"):
         Adam([p, p])
-    with pytest.raises(ValueError, match="learning rate must be ≥ 0"):
+    with pytest.raises(ValueError, match=r"lr must be a finite number in \[0.0, ∞\)"):
         SGD([p], lr=-1.0)
     optimizer = Adam([p])
     (p * p).sum().backward()

@@ -3,7 +3,6 @@ aggregation and for REINFORCE; the properties the algorithm rests on; and a shor
 
 import numpy as np
 import pytest
-import torch
 
 import minimoe
 from minimoe.model import ModelConfig, Transformer
@@ -11,6 +10,7 @@ from minimoe.rewards import Reward
 from minimoe.rl import GRPOConfig, group_advantages, policy_loss, train_grpo
 from minimoe.tasks import Problem, Task
 from minimoe.testing import check_close, to_numpy
+from parity import torch
 
 B, N = 6, 5
 

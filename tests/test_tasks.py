@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from minimoe.rewards import SPECIAL_TOKENS, Reward
 from minimoe.tasks import (DEFAULT_MIX, STYLES, AdditionTask, CountdownTask, ExpressionError, Problem, Tokenizer,
-                           _render, build_corpus, evaluate, parse_expression)
+                           _render, build_corpus, expression_value, parse_expression)
 
 TOKEN_BUDGET = 48  # prompt + response, with <bos> and <eos>, for 3-digit addition and Countdown
 TOK = Tokenizer()
@@ -207,7 +207,8 @@ def fully_parenthesised(tree):
 @given(trees(3))
 def test_evaluator_agrees_with_python_on_safe_expressions(tree):
     text = fully_parenthesised(tree)
-    assert evaluate(parse_expression(text)) == eval(text)  # the oracle: a test-only eval of digits and + - * ( )
+    # the oracle: a test-only eval of digits and + - * ( )
+    assert expression_value(parse_expression(text)) == eval(text)
 
 
 @settings(max_examples=300, deadline=None)
@@ -216,7 +217,7 @@ def test_evaluator_agrees_with_python_on_safe_expressions(tree):
 def test_precedence_and_associativity_agree_with_python(pairs, first):
     text = str(first) + "".join(op + str(x) for op, x in pairs)
     text += ")" * text.count("(")
-    assert evaluate(parse_expression(text)) == eval(text)
+    assert expression_value(parse_expression(text)) == eval(text)
 
 
 @settings(max_examples=300, deadline=None)

@@ -22,7 +22,7 @@ from ..backend import get_array_module, get_backend
 from .module import Linear, Module, RMSNorm
 
 __all__ = ["precompute_rope_tables", "apply_rotary_emb", "RotaryEmbedding", "KVCache", "LatentCache", "MHA", "MLA",
-           "compare_cache_sizes"]
+           "compare_cache_sizes", "scaled_dot_product_attention_plain"]
 
 
 # ==============================================================================================================
@@ -290,8 +290,23 @@ class _CausalSelfAttention(Module):
     def _attend(self, q, k, v, start_pos, cache):
         """Causal attention of the T new queries over the keys: with a cache, the keys of positions
         0..start_pos+T-1 (query i at start_pos + i); without, just the T new ones (query i at i)."""
+        # plain: softmax(q kᵀ · scale + causal mask) v, see scaled_dot_product_attention_plain
         return F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale,
                                               start_pos=start_pos if cache is not None else 0)
+
+
+def scaled_dot_product_attention_plain(q, k, v, causal=True, scale=None, start_pos=0):
+    """F.scaled_dot_product_attention composed of ordinary ops, as nanoGPT's manual attention: the same arguments
+    and result, but every step is a node of the graph and autograd writes the backward. It keeps the scores, the
+    masked scores and the weights (each (..., Tq, Tk)) for backward, where the fused op keeps only the weights."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ F.transpose(k)) * scale  # (..., Tq, Tk)
+    if causal:
+        xp = get_array_module(q.data)
+        queries, keys = q.shape[-2], k.shape[-2]
+        future = xp.arange(keys) > xp.arange(start_pos, start_pos + queries)[:, None]  # (Tq, Tk) key after query
+        scores = scores.masked_fill(future, -float("inf"))
+    return F.softmax(scores, axis=-1) @ v  # (..., Tq, Dv)
 
 
 class MHA(_CausalSelfAttention):
@@ -346,7 +361,7 @@ class MLA(_CausalSelfAttention):
         score        = (q_nope · k_nope + q_pe · k_pe) / √(qk_nope_head_dim + qk_rope_head_dim)
         y            = concat_h(softmax(score + causal mask) v) W_oᵀ
 
-    Two paths compute the same thing (absorb=False/True):
+    Two paths compute the same thing (absorb=False/True; DeepSeek-V3's attn_impl "naive" and "absorb"):
       plain     materialises every head's k = [k_nope | k_pe] and v; its cache holds them (a KVCache).
       absorbed  never does: q_nope·k_nope = (W_UKᵀ q_nope)·c, so W_UK folds into the query, and Σₜ pₜ vₜ =
                 W_UV Σₜ pₜ cₜ, so W_UV is applied once after attending over the latent. Its cache (a LatentCache)

@@ -6,9 +6,10 @@ A Module is a plain Python object whose attributes may be Parameters (trainable 
 """
 
 import math
+import numbers
 
 from ..autograd import Tensor, get_default_dtype
-from ..backend import backend_named, backend_of, get_backend, host_rng
+from ..backend import backend_named, backend_of, get_backend, host_rng, to_host
 from .. import functional as F
 
 __all__ = ["Parameter", "Module", "ModuleList", "Linear", "Embedding", "RMSNorm", "LayerNorm", "Dropout",
@@ -122,7 +123,7 @@ class Module:
         modules = dict(self.named_modules())
         for name, value in state.items():
             target = backend_of(own[name])
-            host = value if type(value) is target.array_type else _host(value)
+            host = value if type(value) is target.array_type else to_host(value)
             array = target.xp.array(host, dtype=own[name].dtype)  # a copy: never share memory with `state`
             if name in parameters:
                 parameters[name].data = array
@@ -135,7 +136,7 @@ class Module:
         returns self. Create the optimizer after moving: it keeps the arrays it had."""
         target = backend_named(where)
         for name, value in self.state_dict().items():
-            self._assign(name, target.asarray(_host(value), dtype=value.dtype))
+            self._assign(name, target.asarray(to_host(value), dtype=value.dtype))
         return self
 
     def _assign(self, name, array):
@@ -176,12 +177,7 @@ def _runs_of_equal(children):
             for first, last, text in runs]
 
 
-def _host(array):
-    """A host NumPy array from an array of any backend (or a NumPy array / list)."""
-    try:
-        return backend_of(array).to_numpy(array)
-    except TypeError:
-        return array
+_host = to_host  # the old private name, still imported by checkpoint.py
 
 
 class ModuleList(Module):
@@ -211,6 +207,9 @@ class Linear(Module):
 
     def __init__(self, in_features, out_features, bias=True):
         super().__init__()
+        for name, size in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+                raise ValueError(f"Linear: {name} must be an integer ≥ 1, got {size!r}")
         self.in_features, self.out_features = in_features, out_features
         bound = 1 / math.sqrt(in_features)
         self.weight = Parameter(init_uniform((out_features, in_features), bound))
@@ -247,7 +246,11 @@ class RMSNorm(Module):
         self.weight = Parameter(get_backend().xp.ones(dim, dtype=get_default_dtype()))
 
     def forward(self, x):
-        return F.rms_norm(x, self.weight, self.eps)
+        return F.rms_norm(x, self.weight, self.eps)  # plain: x / √(mean(x²) + eps) ⊙ weight, see forward_plain
+
+    def forward_plain(self, x):
+        """The same, composed of ordinary ops, so autograd writes the backward that F.rms_norm writes by hand."""
+        return x * ((x * x).mean(axis=-1, keepdims=True) + self.eps) ** -0.5 * self.weight
 
     def extra_repr(self):
         return f"{self.dim}, eps={self.eps}"

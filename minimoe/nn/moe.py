@@ -17,7 +17,7 @@ import math
 from collections import namedtuple
 
 from .. import functional as F
-from ..autograd import Function, ShapeError, Tensor, get_default_dtype
+from ..autograd import Function, ShapeError, Tensor, get_default_dtype, is_grad_enabled
 from ..backend import backend_of, device_rng, get_array_module, get_backend
 from .module import Linear, Module, ModuleList, Parameter, init_uniform
 
@@ -89,7 +89,9 @@ class GroupedLinear(Function):
 
 class Expert(Module):
     """One routed expert: a SwiGLU feed-forward without biases,  y = w2(silu(w1 x) ⊙ w3 x).
-    x (..., dim) -> (..., dim) through an inner width `inter_dim`."""
+    x (..., dim) -> (..., dim) through an inner width `inter_dim`.
+    MoE.forward only reads its weights, for grouped products over every expert at once; MoE.forward_plain calls
+    this forward, expert by expert."""
 
     def __init__(self, dim, inter_dim):
         super().__init__()
@@ -132,10 +134,14 @@ class Gate(Module):
         chosen = top-K of  s + b  (+ noise)    b: the balancing bias; it changes the choice only
         g      = s[chosen], renormalised to sum to 1 for sigmoid (V3), as they are for softmax (V2); × route_scale
 
-    Group-limited routing (n_groups > 1): the experts form n_groups equal groups; a group's score is the max of
-    its selection scores (softmax) or the sum of its top-2 (sigmoid, as V3; a one-expert group scores its only
-    expert); only the topk_groups best groups stay, the others are set to −inf before the top-K. Not 0: with a
-    sigmoid and a negative bias every kept score can be below 0, and a "masked" expert would win.
+    Group-limited routing (n_groups > 1): the experts form n_groups equal groups; a group's score is, as in
+    DeepSeek-V3's reference Gate, the max of its selection scores when the gate has no bias (V2's rule) and the
+    sum of its top-2 biased scores when it has one (V3's rule; a one-expert group scores its only expert). The
+    rule follows the bias, not the score function: sigmoid without a bias scores groups by their max, softmax
+    with a bias by their top-2 sum. (Hugging Face's DeepseekV3 always has a bias, `e_score_correction_bias`,
+    and always uses the top-2 sum.) Only the topk_groups best groups stay, the others are set to −inf before
+    the top-K. Not 0: with a sigmoid and a negative bias every kept score can be below 0, and a "masked"
+    expert would win.
 
     Noisy top-k (noise_std > 0, training mode only): ε ~ N(0, noise_std²) per token and expert is added to the
     selection scores s + b, so it changes which experts are chosen (groups included) and nothing else: the
@@ -194,7 +200,6 @@ class Gate(Module):
         sequences for the sequence-wise loss; a 2-D input is one sequence."""
         if x.ndim < 2 or x.shape[-1] != self.dim:
             raise ShapeError(f"Gate: expected an input (..., T, dim={self.dim}), got shape {x.shape}")
-        xp = get_array_module(x.data)
         n_sequences, seq_len = math.prod(x.shape[:-2]), x.shape[-2]
         logits = F.linear(x.reshape(-1, self.dim), self.weight)  # (N, E)
         scores = F.softmax(logits) if self.score_func == "softmax" else F.sigmoid(logits)  # (N, E)
@@ -206,7 +211,7 @@ class Gate(Module):
         if self.route_scale != 1:
             weights = weights * self.route_scale
 
-        counts = xp.bincount(indices.reshape(-1), minlength=self.n_routed_experts)  # (E,)
+        counts = backend_of(indices).bincount(indices.reshape(-1), self.n_routed_experts)  # (E,), no sync
         if self.training and self.bias is not None:
             self.load_since_update = counts if self.load_since_update is None else self.load_since_update + counts
         losses = self._balance_losses(logits, scores, indices, counts, n_sequences, seq_len)
@@ -214,9 +219,8 @@ class Gate(Module):
 
     def _select(self, scores):
         """Top-K experts (N, K), best first, by selection score s + b (+ noise), group-limited; plain arrays, no
-        gradient. K rounds of argmax, each taking the best expert left and hiding it: O(K·E) per token, faster
-        than a partial sort for the few experts a token picks, and best first by construction. An exact tie, which
-        continuous scores almost never produce, goes to the lower expert index (argmax takes the first maximum)."""
+        gradient (F.topk_indices: K rounds of argmax). An exact tie, which continuous scores almost never produce,
+        goes to the lower expert index."""
         xp = get_array_module(scores)
         choice = scores.copy() if self.bias is None else scores + self.bias  # (N, E), a new array: masked below
         if self.training and self.noise_std > 0:
@@ -225,19 +229,14 @@ class Gate(Module):
         if self.n_groups > 1:
             n = choice.shape[0]
             grouped = choice.reshape(n, self.n_groups, -1)  # (N, G, E/G)
-            if self.score_func == "softmax":
+            if self.bias is None:
                 group_scores = grouped.max(axis=-1)  # (N, G)
             else:
                 group_scores = xp.sort(grouped, axis=-1)[..., -2:].sum(axis=-1)  # (N, G)
             best_groups = xp.argsort(-group_scores, axis=-1, kind="stable")[:, :self.topk_groups]  # (N, M)
             kept = (best_groups[:, :, None] == xp.arange(self.n_groups)).any(axis=1)  # (N, G)
             choice = xp.where(kept[:, :, None], grouped, -xp.inf).reshape(n, -1)  # (N, E)
-        tokens = xp.arange(choice.shape[0])
-        best = xp.empty((choice.shape[0], self.top_k), dtype=tokens.dtype)  # (N, K)
-        for k in range(self.top_k):
-            best[:, k] = choice.argmax(axis=-1)
-            choice[tokens, best[:, k]] = -xp.inf  # taken: the next round finds the next best
-        return best
+        return F.topk_indices(choice, self.top_k)  # (N, K)
 
     def _balance_losses(self, logits, scores, indices, counts, n_sequences, seq_len):
         """{name: 0-d Tensor} for the enabled balance terms (see the class docstring)."""
@@ -250,8 +249,8 @@ class Gate(Module):
         if self.seq_aux_alpha > 0:
             xp = get_array_module(counts)
             sequence = xp.arange(indices.shape[0]) // seq_len  # (N,)
-            per_sequence = xp.bincount((sequence[:, None] * self.n_routed_experts + indices).reshape(-1),
-                                       minlength=n_sequences * self.n_routed_experts)
+            per_sequence = backend_of(indices).bincount((sequence[:, None] * self.n_routed_experts + indices)
+                                                        .reshape(-1), n_sequences * self.n_routed_experts)
             losses["seq_aux_loss"] = self.seq_aux_alpha * self._expert_balance(
                 probabilities.reshape(n_sequences, seq_len, -1), per_sequence.reshape(n_sequences, -1))
         if self.z_loss_coef > 0:
@@ -320,6 +319,9 @@ class MoE(Module):
     experts only. Eval mode never drops and never adds noise, so a token's output does not depend on the rest
     of the batch and routing is deterministic, as generation and the RL loop need. The bias still applies.
 
+    Decoding (eval mode, no_grad, at most `sync_free_tokens` tokens): every expert runs on every token and each token
+    keeps its K outputs, so the layer needs no block sizes on the host (see `_every_expert_on_every_token`).
+
     After each forward:
       balance_loss -- a 0-d Tensor in the graph, the sum of the enabled balance terms (None when none is on);
                       add it to the training loss
@@ -329,6 +331,8 @@ class MoE(Module):
                       "dropped" (token, expert) assignments dropped by the capacity; and the value of each
                       enabled balance term ("aux_loss", "seq_aux_loss", "z_loss")
     """
+
+    sync_free_tokens = 64  # decode steps up to this many tokens take the sync-free path
 
     def __init__(self, dim, n_routed_experts, n_activated_experts, moe_inter_dim, n_shared_experts=0,
                  capacity_factor=None, **gate_options):
@@ -344,6 +348,8 @@ class MoE(Module):
         self.balance_loss = None
         self.stats = None
 
+    grouped_linear = GroupedLinear  # the routed experts' GEMMs (minimoe.fp8.use_fp8 swaps in an FP8 one)
+
     def forward(self, x):
         if x.ndim < 2 or x.shape[-1] != self.dim:
             raise ShapeError(f"MoE: expected an input (B, T, dim={self.dim}), got shape {x.shape}")
@@ -352,6 +358,11 @@ class MoE(Module):
         routing = self.gate(x)
         tokens = x.reshape(-1, self.dim)  # (N, dim)
         n = tokens.shape[0]
+        if n <= self.sync_free_tokens and not (self.training or is_grad_enabled()):  # decoding: no host sync
+            routed = self._every_expert_on_every_token(tokens, routing)
+            y = routed if self.shared_experts is None else self.shared_experts(tokens) + routed
+            self._record(routing, xp.zeros((), dtype=routing.counts.dtype))
+            return y.reshape(x.shape)
 
         # Dispatch: one stable sort groups the N·K (token, expert) assignments by expert. Expert batch boundaries
         # must be host integers to slice with: copying the E counts is this layer's one small device->host sync.
@@ -368,17 +379,55 @@ class MoE(Module):
         token_of = order // k  # (A,) the token of each kept assignment, A = Σ sizes
 
         # Experts: every routed token gathered once, each expert run on its own contiguous rows.
+        # plain: for each expert e, expert_e(x[tokens that chose e]), see forward_plain
         routed = tokens[token_of]  # (A, dim)
-        gate_proj = GroupedLinear(sizes)(routed, *(e.w1.weight for e in self.experts))  # (A, I)
-        up_proj = GroupedLinear(sizes)(routed, *(e.w3.weight for e in self.experts))  # (A, I)
-        expert_out = GroupedLinear(sizes)(F.swiglu(gate_proj, up_proj), *(e.w2.weight for e in self.experts))
+        gate_proj = self.grouped_linear(sizes)(routed, *(e.w1.weight for e in self.experts))  # (A, I)
+        up_proj = self.grouped_linear(sizes)(routed, *(e.w3.weight for e in self.experts))  # (A, I)
+        expert_out = self.grouped_linear(sizes)(F.swiglu(gate_proj, up_proj), *(e.w2.weight for e in self.experts))
 
         # Combine: weight each expert output, then one scatter-add per token, onto the shared experts' output.
+        # plain: y[t] = shared(x[t]) + Σ_{e chosen by t} g[t, e] · expert_e(x[t])
         weights = routing.weights.reshape(-1)[order]  # (A,)
         base = self.shared_experts(tokens) if self.shared_experts is not None else Tensor(xp.zeros_like(tokens.data))
         y = F.index_add(base, token_of, expert_out * weights.unsqueeze(-1))  # (N, dim)
 
         self._record(routing, dropped)
+        return y.reshape(x.shape)
+
+    def _every_expert_on_every_token(self, tokens, routing):
+        """Σ_k g_{t,k} · expert_{i(t,k)}(u_t) without host integers, for a few tokens under no_grad (decoding).
+        Every expert runs on every token, one batched product per weight matrix, and each token keeps the outputs
+        of its K experts. That is E/K times the routed FLOPs, but a decode step is bound by reading the weights,
+        which this reads once each (as the grouped path does when all experts are used), and the host never waits
+        for the block sizes: a GPU decode step stays free of syncs."""
+        xp = get_array_module(tokens.data)
+        w1, w3, w2 = (F.stack([getattr(e, name).weight for e in self.experts]) for name in ("w1", "w3", "w2"))
+        hidden = F.swiglu(tokens @ F.transpose(w1), tokens @ F.transpose(w3))  # (E, N, I)
+        outputs = hidden @ F.transpose(w2)  # (E, N, dim): expert e on token t
+        picked = outputs[routing.indices, xp.arange(tokens.shape[0])[:, None]]  # (N, K, dim)
+        return (picked * routing.weights.unsqueeze(-1)).sum(axis=1)  # (N, dim)
+
+    def forward_plain(self, x):
+        """What `forward` computes (dropless), written as DeepSeek-V3's reference MoE.forward: a loop over the
+        experts, each called on the tokens that chose it. One small graph per expert instead of three grouped
+        products, and a device->host copy per expert (`len`): a reference to read and test against, not to train.
+        Capacity drops are not modelled, so with a capacity_factor it runs in eval mode only."""
+        if x.ndim < 2 or x.shape[-1] != self.dim:
+            raise ShapeError(f"MoE: expected an input (B, T, dim={self.dim}), got shape {x.shape}")
+        if self.training and self.capacity_factor is not None:
+            raise ValueError("MoE.forward_plain: the plain loop is dropless, but this layer drops assignments in "
+                             f"training (capacity_factor={self.capacity_factor}); call .eval() or use forward")
+        xp = get_array_module(x.data)
+        routing = self.gate(x)
+        tokens = x.reshape(-1, self.dim)  # (N, dim)
+        y = self.shared_experts(tokens) if self.shared_experts is not None else Tensor(xp.zeros_like(tokens.data))
+        for e, expert in enumerate(self.experts):
+            token, choice = xp.nonzero(routing.indices == e)  # the tokens that chose expert e, and in which slot
+            if len(token) == 0:
+                continue
+            weight = routing.weights[token, choice].unsqueeze(-1)  # (n_e, 1)
+            y = F.index_add(y, token, expert(tokens[token]) * weight)  # y[token] += g · expert(x[token])
+        self._record(routing, xp.zeros((), dtype=routing.counts.dtype))
         return y.reshape(x.shape)
 
     def _capacity(self, n_tokens):

@@ -1,5 +1,5 @@
-"""PyTorch twins of minimoe.nn.moe, written from the DeepSeekMoE / V2 / V3 papers, Switch, ST-MoE and
-docs/REFERENCE.md, never by calling minimoe. The MoE loops over experts and picks each expert's tokens with
+"""PyTorch twins of minimoe.nn.moe, written from the DeepSeekMoE / V2 / V3 papers, Switch and ST-MoE,
+never by calling minimoe. The MoE loops over experts and picks each expert's tokens with
 torch.where: slow, obviously right. Load minimoe's state dict (buffers included) with `load_minimoe_state`.
 
 Routing is deterministic here (no noisy top-k): the tests compare with noise off.
@@ -55,9 +55,10 @@ class Gate(nn.Module):
             self.bias = None
 
     def group_scores(self, choice):
-        """(N, G): max of each group's selection scores (softmax), sum of its top-2 (sigmoid, V3)."""
+        """(N, G): max of each group's selection scores without a bias, sum of its top-2 with one (as V3's
+        inference/model.py: the rule follows the bias, not the score function)."""
         grouped = choice.view(choice.shape[0], self.n_groups, -1)
-        if self.score_func == "softmax":
+        if self.bias is None:
             return grouped.amax(dim=-1)
         return grouped.topk(min(2, grouped.shape[-1]), dim=-1)[0].sum(dim=-1)
 
