@@ -284,7 +284,7 @@ def _demo(args, started, config, task, tokenizer, out):
                "pretrain_seconds": pretrain_history["seconds"], "rl_seconds": rl_history["seconds"],
                "task": config["task"], "seed": args.seed, "backend": args.backend,
                "parameters": counts, "model": model_config.to_dict(), "pretrain": pretrain_config.to_dict(),
-               "grpo": grpo_config.to_dict(), "eval": evaluation,
+               "grpo": grpo_config.to_dict(), "eval": evaluation, "rl_warnings": rl_history["warnings"],
                "samples": {"before": before_samples, "after": after_samples}}
     with open(os.path.join(out, "summary.json"), "w") as file:
         json.dump(summary, file, indent=1)
@@ -293,6 +293,8 @@ def _demo(args, started, config, task, tokenizer, out):
     print("\n".join("  " + s for s in before_samples))
     print("after RL:")
     print("\n".join("  " + s for s in after_samples))
+    for warning in rl_history["warnings"]:
+        print(f"\nWARNING (GRPO step {warning['step']}): {warning['message']}")
     print(f"\nplots, checkpoints and summary.json in {out} ({summary['seconds']:.0f} s in all)")
     return summary
 

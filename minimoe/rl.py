@@ -26,6 +26,7 @@ gradient is not: ∇ρ = ρ ∇log π_θ. Groups whose rewards are all equal hav
 """
 
 import os
+import sys
 from dataclasses import dataclass
 
 from . import functional as F
@@ -41,7 +42,7 @@ from .validation import Checks, Config
 
 __all__ = ["GRPOConfig", "train_grpo", "rollout", "compute_rewards", "policy_update", "record_step",
            "reference_policy", "group_advantages", "token_logprobs", "policy_loss", "policy_entropy",
-           "LOSS_TYPES", "SCALE_REWARDS"]
+           "accuracy_signal", "check_base", "control_step_size", "collapse_signs", "WeakBaseError", "LOSS_TYPES", "SCALE_REWARDS"]
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "reinforce")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -153,7 +154,13 @@ class GRPOConfig(Config):
 
     The learning rate decays along a cosine: late in training almost every group scores the same, and a constant
     rate lets a few noisy updates knock a good policy off its peak. checkpoint_every: 0 saves only after the last
-    step (with an out_dir)."""
+    step (with an out_dir).
+
+    The collapse guard: a run refuses to start (WeakBaseError) when fewer than `min_base_pass_at_g` of the first
+    step's groups hold a correct response — an estimate of the base's pass@group_size on training problems; below
+    it almost every group's advantages come from the format reward alone, and GRPO teaches well-formed nonsense.
+    `allow_weak_base` starts anyway (to watch that happen). During the run, `collapse_signs` over the last
+    `collapse_window` steps are reported once each, in the progress output and in history["warnings"]."""
 
     steps: int = 150
     prompts_per_step: int = 16
@@ -174,8 +181,13 @@ class GRPOConfig(Config):
     accuracy_weight: float = 1.0
     format_weight: float = 0.1
     log_kl: bool = True  # measure the KL to the reference even when beta = 0 (one extra forward pass a step)
+    target_kl: float = 0.01  # step control: KL(π_old ‖ π_new) per token one update should move; 0: off
     checkpoint_every: int = 50
     seed: int = 0
+    # the collapse guard (see check_base and collapse_signs)
+    min_base_pass_at_g: float = 0.1  # refuse a base with a correct answer in fewer of the first step's groups
+    allow_weak_base: bool = False  # True: start anyway (to watch the collapse on purpose)
+    collapse_window: int = 10  # steps averaged by the collapse warnings; 0: no warnings
 
     def validate(self):
         """Raise a ConfigError naming every field that cannot work."""
@@ -184,12 +196,14 @@ class GRPOConfig(Config):
             check.integer(name, minimum=1)
         check.integer("group_size", minimum=2)  # the group is its own baseline: one response has nothing to beat
         check.integer("mu", minimum=1)
-        for name in ("warmup_steps", "checkpoint_every", "seed"):
+        for name in ("warmup_steps", "checkpoint_every", "seed", "collapse_window"):
             check.integer(name, minimum=0)
+        check.real("min_base_pass_at_g", minimum=0, maximum=1)
+        check.flag("allow_weak_base")
         check.real("lr", above=0)
         check.real("temperature", above=0)
         check.real("grad_clip", above=0)
-        for name in ("min_lr", "weight_decay", "beta", "accuracy_weight", "format_weight"):
+        for name in ("min_lr", "weight_decay", "beta", "accuracy_weight", "format_weight", "target_kl"):
             check.real(name, minimum=0)
         check.real("epsilon", minimum=0, below=1)  # the ratio is clipped below at 1 - epsilon > 0
         check.real("epsilon_high", minimum=0, optional=True)
@@ -208,14 +222,17 @@ def train_grpo(model, task, config=None, tokenizer=None, out_dir=None, resume_fr
                on_step=None, overwrite=False):
     """Improve `model` on `task` with GRPO (or a variant: config.loss_type). Returns the history:
     {"steps": [one record per step: rewards, accuracy, lengths, thinking share, KL, clipping, entropy, grad norm,
-    expert load, router entropy], "seconds": wall time}.
+    expert load, router entropy], "warnings": [the collapse guard's, {"step", "kind", "message"}], "seconds": wall
+    time}.
 
     Each step is the loop body of DeepSeekMath's GRPO algorithm box (Algorithm 1), with π_old = π_θ at sampling:
         sample a batch of prompts, and G outputs for each from π_θ     rollout
         compute the rewards r_i of each output                         compute_rewards
         compute the advantages Â_i of each output's tokens             group_advantages
         update π_θ by maximising the GRPO objective (μ times)          policy_update
-    then the step's measurements are recorded (record_step) and a checkpoint saved on schedule.
+    then the step's measurements are recorded (record_step) and a checkpoint saved on schedule. The collapse guard
+    looks at the first step's rewards before any update (check_base: refuse a base that never answers right) and
+    at the records after every step (collapse_signs).
 
     out_dir / resume_from / overwrite -- as in minimoe.train.pretrain; the checkpoint is `rl_last.npz` and the
     reference policy `rl_reference.npz`, both in the run folder (a resumed run finds its reference beside
@@ -230,24 +247,106 @@ def train_grpo(model, task, config=None, tokenizer=None, out_dir=None, resume_fr
     scheduler = WarmupCosine(optimizer, config.warmup_steps, config.steps * config.mu, min_lr=config.min_lr)
     with TrainingRun("train_grpo", model, optimizer, scheduler, config, out_dir, "rl_last", resume_from,
                      overwrite, progress) as run:
-        history = run.resume({"steps": [], "seconds": 0.0})
+        history = run.resume({"steps": [], "warnings": [], "seconds": 0.0})
+        history.setdefault("warnings", [])
         reference, reference_state = reference_policy(model, config, out_dir, resume_from, run.saved_state)
+        step_scale = run.saved_state.get("step_scale", 1.0)
         model.eval()
         for step in run.steps("grpo"):
             responses = rollout(model, task, tokenizer, config, run.data_rng)
             scores, rewards = compute_rewards(task, responses, config)
+            if step == 1:  # before the first update: is there anything for GRPO to reinforce?
+                _warn(run, history, step, check_base(accuracy_signal(scores["accuracy"], rewards.shape), config))
             advantages = group_advantages(get_backend().asarray(rewards), config.scale_rewards).reshape(-1)  # (B,)
+            optimizer.lr = scheduler.lr_at(scheduler.last_step) * step_scale
             update = policy_update(model, optimizer, scheduler, reference, responses, advantages, tokenizer, config)
+            step_scale = control_step_size(step_scale, update["policy_shift"], config.target_kl)
             model.update_routing_bias()
             run.check_loss(step, update["loss"])
             record = record_step(step, model, responses, scores, rewards, update)
             history["steps"].append(record)
             run.show(reward=f"{record['reward_mean']:.2f}", acc=f"{record['accuracy']:.2f}",
                      think=f"{record['thinking_share']:.2f}")
+            for kind, message in collapse_signs(history["steps"], config.collapse_window):
+                _warn(run, history, step, (kind, message))
             if on_step:
                 on_step(step, record)
-            run.end_step(step, history, **reference_state)
+            run.end_step(step, history, step_scale=step_scale, **reference_state)
     return run.finish(history)
+
+
+class WeakBaseError(ValueError):
+    """GRPO was asked to start from a base model that (almost) never answers right (GRPOConfig.min_base_pass_at_g)."""
+
+
+def accuracy_signal(accuracy, shape):
+    """How much accuracy signal one step's groups carry, from the accuracy of each response (P·G,) and the
+    groups' shape (P, G): the share of groups with no correct response (all advantages then come from the format
+    reward) and the share with both right and wrong responses (the groups that teach accuracy)."""
+    correct = accuracy.reshape(shape) > 0  # (P, G)
+    solved = correct.any(axis=1)
+    return {"zero_accuracy_share": float((~solved).mean()),
+            "signal_share": float((solved & ~correct.all(axis=1)).mean())}
+
+
+def check_base(signal, config):
+    """The floor under R1-Zero-style RL: it only works because the base can already sometimes answer (DeepSeek-R1
+    starts from V3-Base). `signal` is accuracy_signal of the first step. Raises WeakBaseError when fewer than
+    config.min_base_pass_at_g of the groups hold a correct response, unless config.allow_weak_base; then returns a
+    ("weak_base", message) warning, and None when the base is strong enough."""
+    solved = 1.0 - signal["zero_accuracy_share"]
+    if solved >= config.min_base_pass_at_g:
+        return None
+    message = (f"only {solved:.0%} of the first step's {config.prompts_per_step} groups of {config.group_size} hold a "
+               f"correct response (min_base_pass_at_g={config.min_base_pass_at_g}): nearly every advantage would "
+               "come from the format reward, and GRPO would teach well-formed wrong answers")
+    if not config.allow_weak_base:
+        raise WeakBaseError(f"train_grpo: the base model is too weak for RL: {message}. Pretrain longer or on an "
+                            "easier task, or set allow_weak_base=True to run it anyway")
+    return "weak_base", message
+
+
+def collapse_signs(steps, window=10):
+    """The signs of a collapsing run in the step records so far, as (kind, message) pairs (empty when healthy):
+    "no_accuracy_signal" -- over the last `window` steps at least 90% of the groups held no correct response;
+    "accuracy_falling"   -- the last `window` steps' mean accuracy is below half of the best earlier window's
+                            (which reached at least 0.1) while the format rate held or rose: the policy is
+                            trading answers for format (typically a step size too large for the architecture)."""
+    if not window or len(steps) < window:
+        return []
+
+    def mean(records, key):
+        return sum(r[key] for r in records) / len(records)
+
+    recent, signs = steps[-window:], []
+    no_signal = mean(recent, "zero_accuracy_share")
+    if no_signal >= 0.9:
+        signs.append(("no_accuracy_signal", f"{no_signal:.0%} of the groups of the last {window} steps held no "
+                                            "correct response: the advantages come from the format reward alone"))
+    if len(steps) >= 2 * window:
+        end = max(range(window, len(steps) - window + 1), key=lambda e: mean(steps[e - window:e], "accuracy"))
+        best = steps[end - window:end]
+        accuracy, best_accuracy = mean(recent, "accuracy"), mean(best, "accuracy")
+        form, best_form = mean(recent, "format_rate"), mean(best, "format_rate")
+        if best_accuracy >= 0.1 and accuracy < 0.5 * best_accuracy and form >= best_form - 0.02:
+            signs.append(("accuracy_falling", f"accuracy fell from {best_accuracy:.2f} (steps {end - window + 1}-"
+                                              f"{end}) to {accuracy:.2f} (last {window} steps) while the format "
+                                              f"rate went {best_form:.2f} → {form:.2f}: the policy is trading "
+                                              "answers for format; try a lower lr"))
+    return signs
+
+
+def _warn(run, history, step, warning):
+    """Report a guard's warning once per kind: in the progress output (stderr) and in history["warnings"]."""
+    if warning is None or warning[0] in {w["kind"] for w in history["warnings"]}:
+        return
+    kind, message = warning
+    history["warnings"].append({"step": step, "kind": kind, "message": message})
+    text = f"train_grpo: WARNING at step {step}: {message}"
+    if run.bar is not None:
+        run.bar.write(text, file=sys.stderr)
+    else:
+        print(text, file=sys.stderr)
 
 
 def reference_policy(model, config, out_dir, resume_from, saved_state):
@@ -316,7 +415,30 @@ def policy_update(model, optimizer, scheduler, reference, responses, advantages,
             loss = loss + balance
         lr = optimizer.lr
         grad_norm = optimizer_step(model, optimizer, scheduler, loss, config.grad_clip)
-    return {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm, "stats": stats, "logits": logits, "mask": mask}
+    shift = None
+    if config.target_kl > 0:  # how far the update moved the policy on the batch it learned from
+        with no_grad():
+            log_ratio = token_logprobs(model, tokens, config.temperature)[0].data - old  # (B, N) log π_new / π_old
+        xp = get_array_module(log_ratio)
+        shift = float(((xp.exp(log_ratio) - 1 - log_ratio) * mask).sum() / xp.maximum(mask.sum(), 1))
+    return {"loss": loss.item(), "lr": lr, "grad_norm": grad_norm, "stats": stats, "logits": logits, "mask": mask,
+            "policy_shift": shift}
+
+
+def control_step_size(scale, shift, target_kl):
+    """The step control: the learning rate is the schedule's times `scale` ≤ 1, and `scale` follows how far
+    the last update moved the policy, shift = KL(π_old ‖ π_new) per response token (estimated on the sampled
+    tokens as r - 1 - log r, r = π_new / π_old): halved when shift > 2·target_kl, grown by 1.5× (back up to
+    1) when shift < target_kl / 2 — the adaptive rule PPO implementations use for their learning rate. An
+    architecture whose policy moves more per unit of parameter change (MLA's shared latent and RoPE key) gets
+    a smaller step without anyone tuning it; the schedule stays the ceiling."""
+    if not target_kl or shift is None:
+        return scale
+    if shift > 2 * target_kl:
+        return max(scale / 2, 1 / 64)
+    if shift < target_kl / 2:
+        return min(scale * 1.5, 1.0)
+    return scale
 
 
 def record_step(step, model, responses, scores, rewards, update):
@@ -328,12 +450,14 @@ def record_step(step, model, responses, scores, rewards, update):
         "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
         "accuracy": float(scores["accuracy"].mean()), "format_rate": float(scores["format"].mean()),
         "all_equal_share": float((rewards.std(axis=1) == 0).mean()),
+        **accuracy_signal(scores["accuracy"], rewards.shape),
         "mean_length": float(responses.lengths.mean()),
         "length_correct": float(responses.lengths[correct].mean()) if correct.any() else None,
         "length_wrong": float(responses.lengths[~correct].mean()) if (~correct).any() else None,
         "truncated_share": float(scores["truncated"].mean()),
         "thinking_share": float(scores["thinks"].mean()),
         "kl": float(stats["kl"]) if "kl" in stats else None,
+        "policy_shift": update["policy_shift"],
         "clip_low": float(stats["clip_low"]) if "clip_low" in stats else None,
         "clip_high": float(stats["clip_high"]) if "clip_high" in stats else None,
         "entropy": float(policy_entropy(update["logits"], update["mask"])),

@@ -15,7 +15,8 @@ from minimoe.cli import main
 TINY = {"model": {"dim": 16, "n_layers": 1, "n_heads": 2, "n_routed_experts": 4, "moe_inter_dim": 8},
         "pretrain": {"steps": 4, "batch_size": 8, "warmup_steps": 1, "eval_every": 2, "eval_batch_size": 8,
                      "checkpoint_every": 2},
-        "grpo": {"steps": 2, "prompts_per_step": 2, "group_size": 4, "warmup_steps": 1, "max_new_tokens": 8},
+        "grpo": {"steps": 2, "prompts_per_step": 2, "group_size": 4, "warmup_steps": 1, "max_new_tokens": 8,
+                 "allow_weak_base": True},  # 4 pretraining steps: a base GRPO would refuse
         "eval": {"n_problems": 4, "n_samples": 4, "k": 2, "max_new_tokens": 8}}
 
 

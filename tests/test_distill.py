@@ -247,7 +247,7 @@ import json  # noqa: E402
 from minimoe.cli import main  # noqa: E402
 
 TINY = {"pretrain": {"steps": 3, "warmup_steps": 1, "eval_every": 0, "batch_size": 8},
-        "grpo": {"prompts_per_step": 2, "group_size": 2, "warmup_steps": 1},
+        "grpo": {"prompts_per_step": 2, "group_size": 2, "warmup_steps": 1, "allow_weak_base": True},
         "eval": {"n_problems": 4, "n_samples": 2, "k": 2},
         "distill": {"n_prompts": 8, "k": 2, "arm_seconds": 0, "grpo_steps": 2, "sft_steps": 2, "sft_batch_size": 4}}
 TEACHER = str(DATA / "teacher_addition3")

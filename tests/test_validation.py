@@ -28,7 +28,8 @@ TINY_MODEL = {"dim": 16, "n_layers": 1, "n_heads": 2, "n_routed_experts": 4, "mo
 TINY = {"model": TINY_MODEL,
         "pretrain": {"steps": 2, "batch_size": 4, "warmup_steps": 1, "eval_every": 0, "eval_batch_size": 4,
                      "checkpoint_every": 2},
-        "grpo": {"steps": 1, "prompts_per_step": 2, "group_size": 2, "warmup_steps": 0, "max_new_tokens": 8},
+        "grpo": {"steps": 1, "prompts_per_step": 2, "group_size": 2, "warmup_steps": 0, "max_new_tokens": 8,
+                 "allow_weak_base": True},  # 2 pretraining steps: a base GRPO would refuse
         "eval": {"n_problems": 2, "n_samples": 2, "k": 1, "max_new_tokens": 8}}
 
 
