@@ -387,8 +387,8 @@ def run_distillation(teacher, task, student_model_config, pretrain_config, grpo_
         return SFTConfig(steps=steps, batch_size=config.sft_batch_size, lr=config.sft_lr, min_lr=config.sft_lr / 10,
                          warmup_steps=min(10, steps), seed=config.seed)
 
-    def grpo_config_of(steps):
-        return GRPOConfig.from_dict({**grpo_config.to_dict(), "steps": steps,
+    def grpo_config_of(steps):  # the arms run GRPO on whatever base the student is: a weak one is the point of (a)
+        return GRPOConfig.from_dict({**grpo_config.to_dict(), "steps": steps, "allow_weak_base": True,
                                      "warmup_steps": min(grpo_config.warmup_steps, steps), "checkpoint_every": 0})
 
     def run_sft(model, steps):

@@ -181,7 +181,7 @@ class GRPOConfig(Config):
     accuracy_weight: float = 1.0
     format_weight: float = 0.1
     log_kl: bool = True  # measure the KL to the reference even when beta = 0 (one extra forward pass a step)
-    target_kl: float = 0.01  # step control: KL(π_old ‖ π_new) per token one update should move; 0: off
+    target_kl: float = 0.0  # step control: KL(π_old ‖ π_new) per token one update should move; 0: off
     checkpoint_every: int = 50
     seed: int = 0
     # the collapse guard (see check_base and collapse_signs)
