@@ -189,7 +189,10 @@ def test_lesson_is_clean_and_complete(path):
     assert positions == sorted(positions), f"{path.name}: the sections must come in the order {REQUIRED_MARKDOWN}"
 
     code = "\n".join(cell.source for cell in code_cells(notebook))
-    assert "MINIMOE_LESSON_SCALE" in code, f"{path.name}: the config cell must read MINIMOE_LESSON_SCALE"
+    config = code_cells(notebook)[0].source
+    assert re.search(r"^SCALE = minimoe\.lesson\.setup\(", config, re.MULTILINE), \
+        f"{path.name}: the configuration cell (the first code cell) must set `SCALE = minimoe.lesson.setup()`, " \
+        "which seeds, pins BLAS to one thread and reads MINIMOE_LESSON_SCALE"
     assert "import minimoe" in code, f"{path.name}: a lesson imports the library it teaches"
     assert "plt." in code, f"{path.name}: a lesson draws at least one plot"
     assert not re.search(r"\b(urllib|urlopen|requests|wget|curl)\b", code), f"{path.name}: lessons download nothing"
