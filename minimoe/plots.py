@@ -78,14 +78,15 @@ def plot_expert_load(phases, path=None):
     if not loads:
         return None
     n_layers = next(iter(loads.values())).shape[1]
+    n_experts = next(iter(loads.values())).shape[2]
+    vmax = max(2.0 / n_experts, max(float(load.max()) for load in loads.values()))  # one scale for every phase
     figure = Figure(figsize=(5 * len(loads), 2.4 * n_layers + 0.6))
     axes = np.array(figure.subplots(n_layers, len(loads), squeeze=False))
     for column, (name, load) in enumerate(loads.items()):  # load: (steps, layers, experts)
-        n_experts = load.shape[2]
         for layer in range(n_layers):
             ax = axes[layer, column]
             image = ax.imshow(load[:, layer].T, aspect="auto", interpolation="nearest", cmap="viridis",
-                              vmin=0, vmax=max(2.0 / n_experts, float(load.max())))
+                              vmin=0, vmax=vmax)
             ax.set(title=f"{name}: MoE layer {layer}", xlabel="step", ylabel="expert")
             figure.colorbar(image, ax=ax, label="share of tokens")
     return _finish(figure, path)

@@ -41,6 +41,8 @@ CELL_TIMEOUT = int(os.environ.get("MINIMOE_CELL_TIMEOUT", "600"))  # a hang guar
 KERNEL_NAME = "minimoe-lessons"
 REQUIRED_MARKDOWN = ["## Objectives", "**Prerequisites:**", "**Where the code lives:**", "## Summary", "## Exercises"]
 SOLUTION_MARKER = re.compile(r"^# %% exercise: (\S+)\s*$", re.MULTILINE)
+QUESTION_MARKER = re.compile(r"\*\*Question (\d+)\.\*\*")  # how a written question is labelled, in lesson and guide
+INSTRUCTOR_GUIDE = LESSONS / "instructor" / "README.md"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -296,3 +298,30 @@ def test_syllabus_lists_every_lesson():
     syllabus = (LESSONS / "README.md").read_text()
     for path in NOTEBOOKS:
         assert path.name in syllabus, f"lessons/README.md does not list {path.name}"
+
+
+def guide_sections():
+    """The instructor's guide split at its `## NN_name` headings: {lesson stem: that section's text}."""
+    parts = re.split(r"^## (\d\d_\w+)\s*$", INSTRUCTOR_GUIDE.read_text(), flags=re.MULTILINE)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+@lessons
+def test_every_question_has_an_answer_in_the_instructors_guide(path):
+    """Each **Question N.** of a lesson's markdown has an answer under the lesson's heading in lessons/instructor/,
+    labelled the same way and not empty; and the guide answers no question the lesson does not ask."""
+    markdown = "\n".join(cell.source for cell in read_notebook(path).cells if cell.cell_type == "markdown")
+    asked = QUESTION_MARKER.findall(markdown)
+    assert asked == [str(n) for n in range(1, len(asked) + 1)], \
+        f"{path.name}: questions must be numbered 1, 2, ... in order as **Question N.**; found {asked}"
+    assert markdown.count("*Your answer:*") == len(asked), \
+        f"{path.name}: every **Question N.** is followed by one empty *Your answer:* line"
+    sections = guide_sections()
+    assert path.stem in sections, f"{INSTRUCTOR_GUIDE.relative_to(ROOT)} has no section '## {path.stem}'"
+    answers = dict(zip(QUESTION_MARKER.findall(sections[path.stem]),
+                       QUESTION_MARKER.split(sections[path.stem])[2::2]))
+    for number in asked:
+        assert len(answers.get(number, "").split()) >= 20, \
+            f"{INSTRUCTOR_GUIDE.relative_to(ROOT)}, section {path.stem}: no answer (of 20 words or more) to Question {number}"
+    assert sorted(answers) == sorted(asked), \
+        f"{INSTRUCTOR_GUIDE.relative_to(ROOT)}, section {path.stem}: answers {sorted(answers)} but the lesson asks {asked}"
