@@ -325,3 +325,46 @@ def test_every_question_has_an_answer_in_the_instructors_guide(path):
             f"{INSTRUCTOR_GUIDE.relative_to(ROOT)}, section {path.stem}: no answer (of 20 words or more) to Question {number}"
     assert sorted(answers) == sorted(asked), \
         f"{INSTRUCTOR_GUIDE.relative_to(ROOT)}, section {path.stem}: answers {sorted(answers)} but the lesson asks {asked}"
+
+
+def test_lesson_setup_pins_blas_seeds_and_reads_the_knob(monkeypatch):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    import minimoe.lesson
+
+    with threadpool_limits(2, user_api="blas"):  # restores the test process's limits afterwards
+        monkeypatch.setenv("MINIMOE_LESSON_SCALE", "3")
+        assert minimoe.lesson.setup() == 3.0
+        assert all(pool["num_threads"] == 1 for pool in threadpool_info() if pool["user_api"] == "blas")
+        first = minimoe.randn(4).numpy()
+        minimoe.lesson.setup()
+        check_close(minimoe.randn(4).numpy(), first, atol=0, rtol=0, name="draws after setup() are seeded")
+        monkeypatch.delenv("MINIMOE_LESSON_SCALE")
+        assert minimoe.lesson.setup() == 1.0
+        for bad in ("ten", "0", "-1"):
+            monkeypatch.setenv("MINIMOE_LESSON_SCALE", bad)
+            with pytest.raises(ValueError, match="MINIMOE_LESSON_SCALE"):
+                minimoe.lesson.setup()
+
+
+def test_best_times_interleaves_and_keeps_the_fastest(monkeypatch, capsys):
+    import minimoe.lesson
+
+    clock = [0.0]  # a fake clock, which each callable advances by its own scripted duration
+    monkeypatch.setattr(minimoe.lesson.time, "perf_counter", lambda: clock[0])
+    calls, durations = [], {"a": iter([5.0, 1.0, 2.0]), "b": iter([0.5, 3.0, 1.5])}
+
+    def work(name):
+        def run():
+            calls.append(name)
+            clock[0] += next(durations[name])
+        return run
+
+    best = minimoe.lesson.best_times({"a": work("a"), "b": work("b")}, repeats=2)
+    assert calls == ["a", "b", "a", "b", "a", "b"], "one warm-up round, then rounds that take turns"
+    assert best == {"a": 1.0, "b": 1.5}, f"the warm-up round is not counted, and the minimum is kept: {best}"
+
+    assert minimoe.lesson.timing_claims({"fast": True}) is True
+    assert minimoe.lesson.timing_claims({"fast": True, "flat": False}) is False
+    printed = capsys.readouterr().out
+    assert "DOES NOT HOLD: flat" in printed and "too noisy to time right now" in printed
