@@ -159,8 +159,9 @@ class Function:
             raise
         except ValueError as error:
             raise ShapeError(f"{self.name}: {error} (input shapes {_shapes(tensors)})") from error
-        except (IndexError, TypeError) as error:
-            raise type(error)(f"{self.name}: {error} (input shapes {_shapes(tensors)})") from error
+        except (IndexError, TypeError) as error:  # the base class: some subclasses (NumPy's casting errors) take
+            kind = IndexError if isinstance(error, IndexError) else TypeError  # other arguments than a message
+            raise kind(f"{self.name}: {error} (input shapes {_shapes(tensors)})") from error
         if type(output) is not array_type:
             output = _as_array_like(output, array_type, self.name)
         if float_dtype is None and output.dtype.kind == "f" and not self.changes_dtype:

@@ -5,6 +5,7 @@
     python -m minimoe rl --checkpoint runs/base/pretrain_last --out runs/rl
     python -m minimoe eval --checkpoint runs/rl/rl_last
     python -m minimoe generate --checkpoint runs/rl/rl_last --prompt 347+589=
+    python -m minimoe distill --teacher runs/rl/rl_last --out runs/distill   (a)-(c): a small student, 3 ways
 
 Every command takes --seed, --backend (numpy | cupy | fakegpu), --threads, --debug and --config: a JSON file
 whose sections override the defaults, e.g. {"model": {"dim": 96}, "pretrain": {"steps": 2000}, "grpo": {"lr":
@@ -35,7 +36,7 @@ from .train import PretrainConfig, TrainingDiverged, pretrain
 from .validation import ConfigError
 
 TASKS = {"addition3": lambda: AdditionTask(3), "addition4": lambda: AdditionTask(4), "countdown": CountdownTask}
-SECTIONS = ("model", "pretrain", "grpo", "eval", "task")
+SECTIONS = ("model", "pretrain", "grpo", "eval", "task", "distill")
 EVAL_DEFAULTS = {"n_problems": 200, "n_samples": 16, "k": 8, "temperature": 1.0, "max_new_tokens": 40}
 METRICS = [("accuracy", "greedy accuracy"), ("pass_at_1", "pass@1 (T=1)"), ("pass_at_k", "pass@{k}"),
            ("mean_length", "mean response length"), ("thinking_share", "thinking share")]
@@ -60,7 +61,8 @@ def _unique_keys(pairs):
 def _load_config(path):
     """The --config overrides, checked for shape: a JSON object whose keys are known sections, each section an
     object (its fields are checked by `_setup`), "task" one of TASKS. Errors name the file (and line, column)."""
-    config = {"model": {}, "pretrain": {}, "grpo": {}, "eval": {}, "task": "addition3", "source": "--config"}
+    config = {"model": {}, "pretrain": {}, "grpo": {}, "eval": {}, "distill": {}, "task": "addition3",
+              "source": "--config"}
     if not path:
         return config
     where = config["source"] = f"--config {path}"
@@ -395,8 +397,50 @@ def command_export_hf(args):
           f"AutoTokenizer.from_pretrained({args.out!r})")
 
 
+def command_distill(args):
+    """Distillation in miniature (minimoe.distill.run_distillation): the --config "model" and "pretrain" sections
+    describe the student (defaults: distill.student_config, and no held-out loss evaluations), "grpo" the GRPO of
+    arms (a) and (c) (default lr 2e-4 → 2e-5; its steps are set by the budget), "distill" the experiment
+    (distill.DistillConfig)."""
+    from .distill import (DistillConfig, plot_distillation, run_distillation, save_distillation_models,
+                          student_config)
+
+    config, task, tokenizer = _setup(args)
+    distill_config = _section(config, "distill", DistillConfig, seed=args.seed)
+    # The arms' own defaults: GRPO gentler than the demo's (it must not undo (c)'s SFT), no held-out loss evaluations
+    config["grpo_config"] = _section(config, "grpo", GRPOConfig, seed=args.seed, lr=2e-4, min_lr=2e-5)
+    config["pretrain_config"] = _section(config, "pretrain", PretrainConfig, seed=args.seed, eval_every=0)
+    teacher = _load_model(args.teacher, {"model": {}}, tokenizer)[0]
+    student = _load_model(args.student, config, tokenizer)[0] if args.student else None
+    try:
+        student_model = student.config if student else student_config(teacher.config, **config["model"])
+    except ConfigError as error:
+        raise ConfigError(f'{config["source"]}, section "model" (the student): {error}') from None
+    out = args.out or os.path.join("runs", time.strftime("distill-%Y%m%d-%H%M%S"))
+    names = ("student_base", "arm_a_grpo", "arm_b_sft", "arm_c_sft_grpo")
+    with _run_folder(args, out, *names):
+        if os.path.exists(os.path.join(out, "summary.json")) and not args.overwrite:
+            raise SystemExit(f"--out {out} already holds a run (summary.json); replace it with --overwrite, or "
+                             "choose another --out")
+        result = run_distillation(teacher, task, student_model, config["pretrain_config"], config["grpo_config"],
+                                  distill_config, config["eval_settings"], tokenizer, student, not args.quiet)
+        save_distillation_models(result, out, names)
+        plot_distillation(result, os.path.join(out, "distillation.png"))
+        summary = {key: result[key] for key in ("rows", "rejection", "steps", "seconds", "cpu_seconds")}
+        summary.update(arms=result["rows"], teacher=args.teacher, seed=args.seed, task=config["task"],
+                       student_model=student_model.to_dict(), pretrain=config["pretrain_config"].to_dict(),
+                       grpo=config["grpo_config"].to_dict(), distill=distill_config.to_dict(),
+                       eval=config["eval_settings"])
+        del summary["rows"]
+        with open(os.path.join(out, "summary.json"), "w") as file:
+            json.dump(summary, file, indent=1)
+    print(f"plots, checkpoints and summary.json in {out} ({result['seconds']:.0f} s in all, "
+          f"{result['cpu_seconds']:.0f} CPU s)")
+    return summary
+
+
 COMMANDS = {"demo": command_demo, "train": command_train, "rl": command_rl, "eval": command_eval,
-            "generate": command_generate, "export-hf": command_export_hf}
+            "generate": command_generate, "distill": command_distill, "export-hf": command_export_hf}
 
 
 def _number(kind, minimum):
@@ -430,10 +474,11 @@ def build_parser():
     helps = {"demo": "pretrain, evaluate, GRPO, evaluate: plots and a summary", "train": "pretrain a model",
              "rl": "improve a pretrained model with GRPO", "eval": "measure a checkpoint",
              "generate": "sample continuations of a prompt",
-             "export-hf": "write a checkpoint as a Hugging Face DeepseekV3 folder (config, safetensors, tokenizer)"}
+             "export-hf": "write a checkpoint as a Hugging Face DeepseekV3 folder (config, safetensors, tokenizer)",
+             "distill": "a small student three ways: GRPO, SFT on a teacher's filtered traces, both"}
     sub = {name: commands.add_parser(name, parents=[common], help=helps[name], description=helps[name])
            for name in COMMANDS}
-    for name in ("demo", "train", "rl"):
+    for name in ("demo", "train", "rl", "distill"):
         sub[name].add_argument("--out", help="run folder (checkpoints, plots, summary)")
         sub[name].add_argument("--quiet", action="store_true", help="no progress bars")
         sub[name].add_argument("--overwrite", action="store_true",
@@ -449,6 +494,9 @@ def build_parser():
     sub["eval"].add_argument("--out", help="folder for eval.json")
     sub["export-hf"].add_argument("--out", required=True, help="the folder to write (config.json, model.safetensors, "
                                                                 "tokenizer files)")
+    sub["distill"].add_argument("--teacher", required=True, help="the teacher's checkpoint (an RL-trained model)")
+    sub["distill"].add_argument("--student", help="a pretrained student base to start the arms from (default: "
+                                                  "pretrain one as the pretrain section says)")
     sub["generate"].add_argument("--prompt", required=True, help="the prompt, e.g. 347+589=")
     sub["generate"].add_argument("--n", type=_number(int, 1), default=4, help="number of samples (≥ 1)")
     sub["generate"].add_argument("--temperature", type=_number(float, 0), default=1.0, help="0 for greedy")

@@ -92,6 +92,17 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, g
     return xp.minimum((cdf < u).sum(axis=-1), logits.shape[-1] - 1)
 
 
+def prompt_shape(model, prompt_ids, max_new_tokens):
+    """(prompt ids as an array, B, P, P + max_new_tokens), refusing a total longer than the model's context."""
+    prompt_ids = prompt_ids.data if isinstance(prompt_ids, Tensor) else prompt_ids
+    batch, prompt_length = prompt_ids.shape
+    total = prompt_length + max_new_tokens
+    if total > model.config.max_seq_len:
+        raise ValueError(f"generate: prompt of {prompt_length} tokens + {max_new_tokens} new tokens exceeds the "
+                         f"model's max_seq_len={model.config.max_seq_len}")
+    return prompt_ids, batch, prompt_length, total
+
+
 @no_grad()
 def generate(model, prompt_ids, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=None, top_p=None,
              greedy=False, use_cache=True, generator=None, speculative=False):
@@ -107,13 +118,8 @@ def generate(model, prompt_ids, max_new_tokens, eos_id, pad_id, temperature=1.0,
 
         return speculative_generate(model, prompt_ids, max_new_tokens, eos_id, pad_id, temperature, top_k, top_p,
                                     greedy, generator)
-    prompt_ids = prompt_ids.data if isinstance(prompt_ids, Tensor) else prompt_ids
+    prompt_ids, batch, prompt_length, total = prompt_shape(model, prompt_ids, max_new_tokens)
     xp = get_array_module(prompt_ids)
-    batch, prompt_length = prompt_ids.shape
-    total = prompt_length + max_new_tokens
-    if total > model.config.max_seq_len:
-        raise ValueError(f"generate: prompt of {prompt_length} tokens + {max_new_tokens} new tokens exceeds the "
-                         f"model's max_seq_len={model.config.max_seq_len}")
     was_training = model.training
     model.eval()
     tokens = xp.full((batch, total), pad_id, dtype=prompt_ids.dtype)

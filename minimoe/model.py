@@ -20,6 +20,7 @@ from . import functional as F
 from .autograd import Tensor
 from .backend import backend_of
 from .mtp import MTPModule, mtp_loss_weight_at
+from .fp8 import RECIPES, use_fp8
 from .nn import MHA, MLA, MLP, Dropout, Embedding, Linear, Module, ModuleList, MoE, RMSNorm
 from .validation import Checks, Config
 
@@ -72,6 +73,8 @@ class ModelConfig(Config):
     n_mtp_modules: int = 0  # D: 0 = no MTP modules
     mtp_loss_weight: float = 0.3  # λ
     mtp_loss_weight_final: float = None  # λ after the first 10/14.8 of pretraining (V3: 0.1); None: constant
+    # numerics
+    fp8: str = None  # None: float32 throughout; "v3" | "per_tensor": the FFN GEMMs in simulated FP8 (minimoe.fp8)
 
     def validate(self):
         """Raise a ConfigError naming every field that cannot work (its type, its range, or a disagreement)."""
@@ -122,6 +125,8 @@ class ModelConfig(Config):
         check.integer("n_mtp_modules", minimum=0)  # D, the number of MTP modules
         check.real("mtp_loss_weight", minimum=0)  # λ
         check.real("mtp_loss_weight_final", minimum=0, optional=True)
+        if c.fp8 is not None and not (isinstance(c.fp8, str) and c.fp8 in RECIPES):
+            check.fail("fp8", f"fp8={c.fp8!r} must be None or one of {sorted(RECIPES)}")
         check.done()
 
     def to_json(self):
@@ -180,6 +185,8 @@ class Transformer(Module):
         self.mtp_weight = config.mtp_loss_weight  # λ now; set_training_progress follows the schedule
         self.mtp_logits = None  # [P¹, …, P^D] of the last forward with mtp=True
         self.last_mtp_loss = None  # (1/D) Σ_k L^k of the last mtp_loss call, for logs
+        if config.fp8:
+            use_fp8(self, config.fp8)  # V3's choice: FFN GEMMs in FP8; embedding, attention, gate, head not
 
     def forward(self, ids, start_pos=0, caches=None, mtp=False):
         """Next-token logits (B, T, vocab_size). With mtp=True (training, whole sequences) the MTP modules run too

@@ -46,7 +46,8 @@ import re
 from typing import NamedTuple
 
 __all__ = ["PAD", "BOS", "EOS", "THINK", "THINK_END", "ANSWER", "ANSWER_END", "SPECIAL_TOKENS", "Reward",
-           "parse_answer", "accuracy_reward", "format_reward", "combined_reward", "thinks_first", "is_truncated"]
+           "parse_answer", "accuracy_reward", "format_reward", "combined_reward", "thinks_first", "is_truncated",
+           "parse_addition_steps", "addition_consistency"]
 
 # The special tokens of the text protocol. The tokenizer (minimoe.tasks.Tokenizer) gives each one a single id.
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -134,3 +135,58 @@ def is_truncated(text):
     """True if the response has no <eos>: generation stopped at the token budget, not by choice."""
     _check_text(text, "is_truncated")
     return EOS not in text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reasoning that agrees with its answer (addition): the filter of rejection sampling (minimoe.distill)
+
+_COLUMN = re.compile(r"([0-9])\+([0-9])(\+1)?=(0|[1-9][0-9]*)")
+
+
+def parse_addition_steps(text):
+    """The column steps of an addition response's think block, units column first: a list of
+    (x, y, carry_in, written_sum) ints, e.g. "<think>7+9=16 4+8+1=13</think>…" -> [(7, 9, 0, 16), (4, 8, 1, 13)].
+    None unless the response is well-formed (format_reward) and its think block is exactly columns "x+y=s" or
+    "x+y+1=s" separated by single spaces (one digit each for x and y, s without a leading zero)."""
+    if format_reward(text) != 1.0:
+        return None
+    think = _WELL_FORMED.fullmatch(_before_eos(text)).group(1)
+    steps = []
+    for piece in think.split(" "):
+        match = _COLUMN.fullmatch(piece)
+        if match is None:
+            return None
+        x, y, carry, total = match.groups()
+        steps.append((int(x), int(y), int(carry is not None), int(total)))
+    return steps
+
+
+def addition_consistency(text, operands):
+    """1.0 if the response's reasoning is right and its answer is what the reasoning gives, else 0.0:
+
+    - the think block is one column step per digit, units first, and column j adds digit j of each operand
+      (the columns of *this* problem, a shorter operand read with leading zeros);
+    - every step's arithmetic is right: written_sum = x + y + carry_in, and the carry into column j is 1
+      exactly when the sum written in column j-1 is ≥ 10 (none into the units column);
+    - the answer (spaces around it forgiven, as in accuracy_reward) is the number the written steps give: the
+      last column's sum, then the units digits of the others, left to right.
+
+    A direct answer has no reasoning to agree with and scores 0.0, as does anything malformed. Together the
+    three rules imply a right answer; the converse fails: "<think>7+9=16 4+8=12 3+5+1=9</think><answer>936
+    </answer>" is right by luck (a dropped carry, then a wrong answer written down anyway) and scores 0.0."""
+    _check_text(text, "addition_consistency")
+    steps = parse_addition_steps(text)
+    if steps is None:
+        return 0.0
+    a, b = (str(int(x))[::-1] for x in operands)  # digits, units first
+    width = max(len(a), len(b))
+    a, b = a.ljust(width, "0"), b.ljust(width, "0")
+    if len(steps) != width:
+        return 0.0
+    carry = 0
+    for (x, y, carry_in, total), da, db in zip(steps, a, b):
+        if (x, y) != (int(da), int(db)) or carry_in != carry or total != x + y + carry_in:
+            return 0.0
+        carry = int(total >= 10)
+    from_steps = str(steps[-1][3]) + "".join(str(total % 10) for *_, total in reversed(steps[:-1]))
+    return 1.0 if parse_answer(text).strip(" ") == from_steps else 0.0

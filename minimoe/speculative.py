@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from .autograd import Tensor, no_grad
 from .backend import backend_of, device_rng, get_array_module
-from .generate import Generation, _softmax, filter_logits
+from .generate import Generation, _softmax, check_sampling, filter_logits, prompt_shape
 
 __all__ = ["SpeculativeGeneration", "speculative_generate"]
 
@@ -93,15 +93,9 @@ def speculative_generate(model, prompt_ids, max_new_tokens, eos_id, pad_id, temp
         raise ValueError("speculative decoding drafts with the multi-token prediction modules, and this model has "
                          "none (n_mtp_modules=0; a checkpoint trained without MTP has no draft weights): train with "
                          "ModelConfig(n_mtp_modules=1) or decode without speculative=True")
-    if not greedy and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {temperature}")
-    prompt_ids = prompt_ids.data if isinstance(prompt_ids, Tensor) else prompt_ids
+    check_sampling("generate", temperature, top_k, top_p, greedy, max_new_tokens)
+    prompt_ids, batch, prompt_length, total = prompt_shape(model, prompt_ids, max_new_tokens)
     xp = get_array_module(prompt_ids)
-    batch, prompt_length = prompt_ids.shape
-    total = prompt_length + max_new_tokens
-    if total > model.config.max_seq_len:
-        raise ValueError(f"generate: prompt of {prompt_length} tokens + {max_new_tokens} new tokens exceeds the "
-                         f"model's max_seq_len={model.config.max_seq_len}")
     backend = backend_of(prompt_ids)
     generator = generator or device_rng(backend)
     was_training = model.training

@@ -209,8 +209,8 @@ def test_every_flag_is_checked_by_the_parser(argv, expected, capsys):
 
 @pytest.mark.parametrize("content, expected", [
     ('{"pretrain": {\n  "steps": 3,\n}}', "not valid JSON at line 3, column 1"),
-    ("[1, 2, 3]", "expected a JSON object of sections (model, pretrain, grpo, eval, task), got an array"),
-    ({"modle": {}}, "unknown section(s) ['modle']; the sections are ['model', 'pretrain', 'grpo', 'eval', 'task']"),
+    ("[1, 2, 3]", "expected a JSON object of sections (model, pretrain, grpo, eval, task, distill), got an array"),
+    ({"modle": {}}, "unknown section(s) ['modle']; the sections are ['model', 'pretrain', 'grpo', 'eval', 'task', 'distill']"),
     ({"model": [1]}, 'section "model" must be an object of fields, got [1]'),
     ({"task": "addition5"}, "\"task\" must be one of ['addition3', 'addition4', 'countdown'], got 'addition5'"),
     ('{"pretrain": {"steps": 3, "steps": 4}}', "key(s) ['steps'] appear more than once"),
@@ -320,7 +320,7 @@ def test_a_library_error_is_one_line_with_exit_status_2_and_debug_keeps_the_trac
     result = run_cli("train", "--config", path, cwd=tmp_path)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == f"minimoe: error: --config {path}: expected a JSON object of sections (model, " \
-                            "pretrain, grpo, eval, task), got an array\n"
+                            "pretrain, grpo, eval, task, distill), got an array\n"
     result = run_cli("eval", "--checkpoint", str(tmp_path / "missing"), "--debug", cwd=tmp_path)
     assert result.returncode == 1 and "Traceback (most recent call last)" in result.stderr
     assert "CheckpointError" in result.stderr

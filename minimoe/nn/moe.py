@@ -348,6 +348,8 @@ class MoE(Module):
         self.balance_loss = None
         self.stats = None
 
+    grouped_linear = GroupedLinear  # the routed experts' GEMMs (minimoe.fp8.use_fp8 swaps in an FP8 one)
+
     def forward(self, x):
         if x.ndim < 2 or x.shape[-1] != self.dim:
             raise ShapeError(f"MoE: expected an input (B, T, dim={self.dim}), got shape {x.shape}")
@@ -379,9 +381,9 @@ class MoE(Module):
         # Experts: every routed token gathered once, each expert run on its own contiguous rows.
         # plain: for each expert e, expert_e(x[tokens that chose e]), see forward_plain
         routed = tokens[token_of]  # (A, dim)
-        gate_proj = GroupedLinear(sizes)(routed, *(e.w1.weight for e in self.experts))  # (A, I)
-        up_proj = GroupedLinear(sizes)(routed, *(e.w3.weight for e in self.experts))  # (A, I)
-        expert_out = GroupedLinear(sizes)(F.swiglu(gate_proj, up_proj), *(e.w2.weight for e in self.experts))
+        gate_proj = self.grouped_linear(sizes)(routed, *(e.w1.weight for e in self.experts))  # (A, I)
+        up_proj = self.grouped_linear(sizes)(routed, *(e.w3.weight for e in self.experts))  # (A, I)
+        expert_out = self.grouped_linear(sizes)(F.swiglu(gate_proj, up_proj), *(e.w2.weight for e in self.experts))
 
         # Combine: weight each expert output, then one scatter-add per token, onto the shared experts' output.
         # plain: y[t] = shared(x[t]) + Σ_{e chosen by t} g[t, e] · expert_e(x[t])
