@@ -28,7 +28,8 @@ _blas_limit = None  # the threadpoolctl limiter; held so that the limit stays se
 
 
 def setup(seed=0):
-    """Pin BLAS to one thread, seed minimoe's generators with `seed`, and return the lesson's knob: float($MINIMOE_LESSON_SCALE), 1 when unset."""
+    """Pin BLAS to one thread, seed minimoe's generators with `seed`, and return the lesson's knob:
+    float($MINIMOE_LESSON_SCALE), 1 when unset; a value that is not a positive number raises ValueError."""
     global _blas_limit
     _blas_limit = threadpool_limits(1, user_api="blas")
     minimoe.manual_seed(seed)
@@ -36,7 +37,8 @@ def setup(seed=0):
     try:
         scale = float(text)
     except ValueError:
-        raise ValueError(f"minimoe.lesson.setup: {SCALE_ENV}={text!r} is not a number; expected e.g. 1, 3 or 10") from None
+        raise ValueError(f"minimoe.lesson.setup: {SCALE_ENV}={text!r} is not a number; "
+                         "expected e.g. 1, 3 or 10") from None
     if not scale > 0:
         raise ValueError(f"minimoe.lesson.setup: {SCALE_ENV}={text!r}; expected a positive number (1 is the default)")
     return scale
