@@ -114,7 +114,8 @@ def draw_diagram(ax, boxes, arrows, title=None):
                        bbox=dict(boxstyle="round,pad=0.45", fc=colour[0] if colour else "#e6eef8", ec="#3a4a5a"))
         patches[name], centres[name] = text.get_bbox_patch(), (x, y)
     for start, end, *rest in arrows:
-        label, bend = (rest + ["", 0.0][len(rest):])[:2]
+        label = rest[0] if rest else ""
+        bend = rest[1] if len(rest) > 1 else 0.0
         ax.annotate("", xy=centres[end], xytext=centres[start], xycoords="axes fraction", zorder=4,
                     arrowprops=dict(arrowstyle="-|>", color="#3a4a5a", lw=1.2, mutation_scale=14, shrinkA=0, shrinkB=0,
                                     patchA=patches[start], patchB=patches[end],
@@ -122,8 +123,9 @@ def draw_diagram(ax, boxes, arrows, title=None):
         if label:  # at the middle of the arrow; an arc's middle is half its bend off the chord, as matplotlib draws it
             (x0, y0), (x1, y1) = ax.transAxes.transform([centres[start], centres[end]])
             middle = ((x0 + x1) / 2 + bend * (y1 - y0) / 2, (y0 + y1) / 2 - bend * (x1 - x0) / 2)
-            ax.text(*ax.transAxes.inverted().transform(middle), label, ha="center", va="center", fontsize=8, style="italic",
-                    transform=ax.transAxes, zorder=5, bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none"))
+            ax.text(*ax.transAxes.inverted().transform(middle), label, ha="center", va="center", fontsize=8,
+                    style="italic", transform=ax.transAxes, zorder=5,
+                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none"))
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=10)
