@@ -1,4 +1,5 @@
-"""The demo's pictures: the pretraining loss, R1-Zero's curves in miniature, and where the tokens went.
+"""The demo's pictures: the pretraining loss, R1-Zero's curves in miniature, and where the tokens went; and
+`draw_diagram`, the block diagrams of the lessons (a pre-norm block, MoE dispatch and combine, the GRPO loop).
 
 Each function takes a history (as `pretrain` and `train_grpo` return it), draws a matplotlib Figure, saves it
 as PNG when given a path, and returns the Figure (a notebook displays it). The Figure API is used directly, not
@@ -9,7 +10,7 @@ from matplotlib.figure import Figure
 
 import numpy as np
 
-__all__ = ["plot_pretraining", "plot_rl", "plot_expert_load"]
+__all__ = ["plot_pretraining", "plot_rl", "plot_expert_load", "draw_diagram"]
 
 
 def _finish(figure, path):
@@ -78,14 +79,15 @@ def plot_expert_load(phases, path=None):
     if not loads:
         return None
     n_layers = next(iter(loads.values())).shape[1]
+    n_experts = next(iter(loads.values())).shape[2]
+    vmax = max(2.0 / n_experts, max(float(load.max()) for load in loads.values()))  # one scale for every phase
     figure = Figure(figsize=(5 * len(loads), 2.4 * n_layers + 0.6))
     axes = np.array(figure.subplots(n_layers, len(loads), squeeze=False))
     for column, (name, load) in enumerate(loads.items()):  # load: (steps, layers, experts)
-        n_experts = load.shape[2]
         for layer in range(n_layers):
             ax = axes[layer, column]
             image = ax.imshow(load[:, layer].T, aspect="auto", interpolation="nearest", cmap="viridis",
-                              vmin=0, vmax=max(2.0 / n_experts, float(load.max())))
+                              vmin=0, vmax=vmax)
             ax.set(title=f"{name}: MoE layer {layer}", xlabel="step", ylabel="expert")
             figure.colorbar(image, ax=ax, label="share of tokens")
     return _finish(figure, path)
@@ -98,3 +100,33 @@ def _loads(history):
         rows = history.get("expert_load", [])
     rows = [r for r in rows if r]
     return np.array(rows, dtype=float) if rows else None
+
+
+def draw_diagram(ax, boxes, arrows, title=None):
+    """Draw a block diagram on the Axes `ax`, in axes fractions (0..1 both ways), and hide the axes.
+
+    boxes:  {name: (x, y, label)} or (x, y, label, colour): a rounded box centred at (x, y);
+    arrows: [(start, end)], (start, end, label) or (start, end, label, bend): an arrow from box to box, clipped at
+            the boxes' edges, its label at the middle, bent by `bend` (0 straight; ±0.3 a gentle arc)."""
+    patches, centres = {}, {}
+    for name, (x, y, label, *colour) in boxes.items():
+        text = ax.text(x, y, label, ha="center", va="center", fontsize=9, transform=ax.transAxes, zorder=3,
+                       bbox=dict(boxstyle="round,pad=0.45", fc=colour[0] if colour else "#e6eef8", ec="#3a4a5a"))
+        patches[name], centres[name] = text.get_bbox_patch(), (x, y)
+    for start, end, *rest in arrows:
+        label = rest[0] if rest else ""
+        bend = rest[1] if len(rest) > 1 else 0.0
+        ax.annotate("", xy=centres[end], xytext=centres[start], xycoords="axes fraction", zorder=4,
+                    arrowprops=dict(arrowstyle="-|>", color="#3a4a5a", lw=1.2, mutation_scale=14, shrinkA=0, shrinkB=0,
+                                    patchA=patches[start], patchB=patches[end],
+                                    connectionstyle=f"arc3,rad={bend}"))
+        if label:  # at the middle of the arrow; an arc's middle is half its bend off the chord, as matplotlib draws it
+            (x0, y0), (x1, y1) = ax.transAxes.transform([centres[start], centres[end]])
+            middle = ((x0 + x1) / 2 + bend * (y1 - y0) / 2, (y0 + y1) / 2 - bend * (x1 - x0) / 2)
+            ax.text(*ax.transAxes.inverted().transform(middle), label, ha="center", va="center", fontsize=8,
+                    style="italic", transform=ax.transAxes, zorder=5,
+                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none"))
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax

@@ -41,6 +41,8 @@ CELL_TIMEOUT = int(os.environ.get("MINIMOE_CELL_TIMEOUT", "600"))  # a hang guar
 KERNEL_NAME = "minimoe-lessons"
 REQUIRED_MARKDOWN = ["## Objectives", "**Prerequisites:**", "**Where the code lives:**", "## Summary", "## Exercises"]
 SOLUTION_MARKER = re.compile(r"^# %% exercise: (\S+)\s*$", re.MULTILINE)
+QUESTION_MARKER = re.compile(r"\*\*Question (\d+)\.\*\*")  # how a written question is labelled, in lesson and guide
+INSTRUCTOR_GUIDE = LESSONS / "instructor" / "README.md"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -189,7 +191,10 @@ def test_lesson_is_clean_and_complete(path):
     assert positions == sorted(positions), f"{path.name}: the sections must come in the order {REQUIRED_MARKDOWN}"
 
     code = "\n".join(cell.source for cell in code_cells(notebook))
-    assert "MINIMOE_LESSON_SCALE" in code, f"{path.name}: the config cell must read MINIMOE_LESSON_SCALE"
+    config = code_cells(notebook)[0].source
+    assert re.search(r"^SCALE = minimoe\.lesson\.setup\(", config, re.MULTILINE), \
+        f"{path.name}: the configuration cell (the first code cell) must set `SCALE = minimoe.lesson.setup()`, " \
+        "which seeds, pins BLAS to one thread and reads MINIMOE_LESSON_SCALE"
     assert "import minimoe" in code, f"{path.name}: a lesson imports the library it teaches"
     assert "plt." in code, f"{path.name}: a lesson draws at least one plot"
     assert not re.search(r"\b(urllib|urlopen|requests|wget|curl)\b", code), f"{path.name}: lessons download nothing"
@@ -293,3 +298,73 @@ def test_syllabus_lists_every_lesson():
     syllabus = (LESSONS / "README.md").read_text()
     for path in NOTEBOOKS:
         assert path.name in syllabus, f"lessons/README.md does not list {path.name}"
+
+
+def guide_sections():
+    """The instructor's guide split at its `## NN_name` headings: {lesson stem: that section's text}."""
+    parts = re.split(r"^## (\d\d_\w+)\s*$", INSTRUCTOR_GUIDE.read_text(), flags=re.MULTILINE)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+@lessons
+def test_every_question_has_an_answer_in_the_instructors_guide(path):
+    """Each **Question N.** of a lesson's markdown has an answer under the lesson's heading in lessons/instructor/,
+    labelled the same way and not empty; and the guide answers no question the lesson does not ask."""
+    markdown = "\n".join(cell.source for cell in read_notebook(path).cells if cell.cell_type == "markdown")
+    asked = QUESTION_MARKER.findall(markdown)
+    assert asked == [str(n) for n in range(1, len(asked) + 1)], \
+        f"{path.name}: questions must be numbered 1, 2, ... in order as **Question N.**; found {asked}"
+    assert markdown.count("*Your answer:*") == len(asked), \
+        f"{path.name}: every **Question N.** is followed by one empty *Your answer:* line"
+    sections = guide_sections()
+    assert path.stem in sections, f"{INSTRUCTOR_GUIDE.relative_to(ROOT)} has no section '## {path.stem}'"
+    answers = dict(zip(QUESTION_MARKER.findall(sections[path.stem]),
+                       QUESTION_MARKER.split(sections[path.stem])[2::2]))
+    for number in asked:
+        assert len(answers.get(number, "").split()) >= 20, \
+            f"{INSTRUCTOR_GUIDE.relative_to(ROOT)}, section {path.stem}: no answer (of 20 words or more) to Question {number}"
+    assert sorted(answers) == sorted(asked), \
+        f"{INSTRUCTOR_GUIDE.relative_to(ROOT)}, section {path.stem}: answers {sorted(answers)} but the lesson asks {asked}"
+
+
+def test_lesson_setup_pins_blas_seeds_and_reads_the_knob(monkeypatch):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    import minimoe.lesson
+
+    with threadpool_limits(2, user_api="blas"):  # restores the test process's limits afterwards
+        monkeypatch.setenv("MINIMOE_LESSON_SCALE", "3")
+        assert minimoe.lesson.setup() == 3.0
+        assert all(pool["num_threads"] == 1 for pool in threadpool_info() if pool["user_api"] == "blas")
+        first = minimoe.randn(4).numpy()
+        minimoe.lesson.setup()
+        check_close(minimoe.randn(4).numpy(), first, atol=0, rtol=0, name="draws after setup() are seeded")
+        monkeypatch.delenv("MINIMOE_LESSON_SCALE")
+        assert minimoe.lesson.setup() == 1.0
+        for bad in ("ten", "0", "-1"):
+            monkeypatch.setenv("MINIMOE_LESSON_SCALE", bad)
+            with pytest.raises(ValueError, match="MINIMOE_LESSON_SCALE"):
+                minimoe.lesson.setup()
+
+
+def test_best_times_interleaves_and_keeps_the_fastest(monkeypatch, capsys):
+    import minimoe.lesson
+
+    clock = [0.0]  # a fake clock, which each callable advances by its own scripted duration
+    monkeypatch.setattr(minimoe.lesson.time, "perf_counter", lambda: clock[0])
+    calls, durations = [], {"a": iter([5.0, 1.0, 2.0]), "b": iter([0.5, 3.0, 1.5])}
+
+    def work(name):
+        def run():
+            calls.append(name)
+            clock[0] += next(durations[name])
+        return run
+
+    best = minimoe.lesson.best_times({"a": work("a"), "b": work("b")}, repeats=2)
+    assert calls == ["a", "b", "a", "b", "a", "b"], "one warm-up round, then rounds that take turns"
+    assert best == {"a": 1.0, "b": 1.5}, f"the warm-up round is not counted, and the minimum is kept: {best}"
+
+    assert minimoe.lesson.timing_claims({"fast": True}) is True
+    assert minimoe.lesson.timing_claims({"fast": True, "flat": False}) is False
+    printed = capsys.readouterr().out
+    assert "DOES NOT HOLD: flat" in printed and "too noisy to time right now" in printed

@@ -31,3 +31,23 @@ def pass_at_k_by_comb(n, c, k):
     if n - c < k:  # every k-subset holds a right sample (math.comb would give 0 here anyway)
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+# %% exercise: grpo_step
+def grpo_step(model, optimizer, task, tokenizer, problems, config):
+    """One GRPO step on `problems` (a list of Problems), mu = 1, beta = 0, with the settings of `config` (a
+    GRPOConfig). Samples from the current backend's generator; updates the model's weights in place through
+    `optimizer`. Returns the loss, a host float."""
+    responses = sample_responses(model, problems, tokenizer, config.group_size, config.max_new_tokens,
+                                 temperature=config.temperature)  # rollout: G responses per problem
+    scores = score_responses(task, responses, config.accuracy_weight, config.format_weight)
+    rewards = scores["reward"].reshape(len(problems), config.group_size)  # (P, G)
+    advantages = group_advantages(rewards, config.scale_rewards).reshape(-1)  # (B,)
+    logprobs, _ = token_logprobs(model, responses.tokens, config.temperature)  # (B, L-1)
+    loss, _ = policy_loss(logprobs, logprobs.data.copy(), advantages, responses.response_mask, config.loss_type,
+                          config.epsilon, config.epsilon_high, max_new_tokens=config.max_new_tokens)  # ratio 1
+    optimizer.zero_grad()
+    loss.backward()
+    clip_grad_norm_(model.parameters(), config.grad_clip)
+    optimizer.step()
+    return loss.item()
