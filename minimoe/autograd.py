@@ -378,6 +378,8 @@ class Tensor:
         return self.to("gpu")
 
     # ---- backward ---------------------------------------------------------------------------------------------
+    # Longer than our other functions on purpose: the whole of reverse mode (order, ownership of gradient arrays,
+    # accumulation into leaves, releasing the graph) reads best as one loop in one place, as in micrograd.
     def backward(self, grad=None, retain_graph=False):
         """Accumulate d(self)/d(leaf) · grad into the `.grad` of every leaf that requires grad.
 

@@ -75,6 +75,8 @@ class HFFormatError(ValueError):
 # configuration
 # ==============================================================================================================
 
+# Long because it is a table: one line for each DeepseekV3 field and one check for each setting the format cannot
+# express; split up, the mapping would be harder to check against the format's documentation.
 def hf_config(config, tokenizer=None):
     """The DeepseekV3 `config.json` (a dict) of a minimoe ModelConfig, or HFFormatError naming every field the
     format cannot express and the closest setting it can."""
