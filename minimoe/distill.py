@@ -363,6 +363,28 @@ def run_distillation(teacher, task, student_model_config, pretrain_config, grpo_
     teacher.eval()
     teacher_active, student_active = check_distillation(teacher, student_model_config, task, tokenizer, config,
                                                         grpo_config, eval_settings)
+    traces = _teacher_traces(teacher, task, tokenizer, config, grpo_config, log)
+    student, pretrain_seconds, pretrain_cpu = _student_base(student, student_model_config, task, pretrain_config,
+                                                            tokenizer, progress, log)
+    run_sft, run_grpo = _arm_trainers(task, traces, tokenizer, config, grpo_config, progress)
+    steps = _arm_steps(config, student, run_sft, run_grpo)
+    log(f"steps per arm: {steps}")
+
+    measure_kwargs = {**eval_settings, "seed": 1234}
+    rows = [_row("teacher", measure(teacher, task, tokenizer, **measure_kwargs), None, teacher_active),
+            _row(ARMS[0], measure(student, task, tokenizer, **measure_kwargs), pretrain_seconds, student_active,
+                 cpu_seconds=pretrain_cpu)]
+    arm_rows, histories, models = _run_arms(student, task, tokenizer, run_sft, run_grpo, steps, student_active,
+                                            measure_kwargs)
+    rows += arm_rows
+    _log_rows(rows, log)
+    return {"rows": rows, "rejection": traces.summary(), "steps": steps, "histories": histories,
+            "models": {"student": student, "a": models[ARMS[1]], "b": models[ARMS[2]], "c": models[ARMS[3]]},
+            "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started}
+
+
+def _teacher_traces(teacher, task, tokenizer, config, grpo_config, log):
+    """Step 1: the teacher's accepted traces on n_prompts training problems (DistillError if it has none)."""
     rng = np.random.default_rng(config.seed)
     problems = task.sample(rng, config.n_prompts, split="train")
     traces = rejection_sample(teacher, task, problems, config.k, tokenizer, grpo_config.max_new_tokens,
@@ -372,7 +394,12 @@ def run_distillation(teacher, task, student_model_config, pretrain_config, grpo_
     if len(traces.corpus) == 0:
         raise DistillError(f"distill: rejection sampling accepted none of the teacher's {len(problems) * config.k} "
                            f"responses (reasons: {traces.reasons}); the teacher cannot teach this task")
+    return traces
 
+
+def _student_base(student, student_model_config, task, pretrain_config, tokenizer, progress, log):
+    """Step 2: (the student base in eval mode, its pretraining wall seconds, its CPU seconds); a given `student`
+    is taken as it is (0 s)."""
     pretrain_seconds = pretrain_cpu = 0.0
     if student is None:
         pretrain_cpu = time.process_time()
@@ -382,6 +409,11 @@ def run_distillation(teacher, task, student_model_config, pretrain_config, grpo_
         log(f"student pretrained: {pretrain_config.steps} steps in {pretrain_seconds:.0f} s "
             f"({pretrain_cpu:.0f} CPU s)")
     student.eval()
+    return student, pretrain_seconds, pretrain_cpu
+
+
+def _arm_trainers(task, traces, tokenizer, config, grpo_config, progress):
+    """(run_sft, run_grpo): each trains a model in place for a number of steps and returns its history."""
 
     def sft_config(steps):
         return SFTConfig(steps=steps, batch_size=config.sft_batch_size, lr=config.sft_lr, min_lr=config.sft_lr / 10,
@@ -397,26 +429,28 @@ def run_distillation(teacher, task, student_model_config, pretrain_config, grpo_
     def run_grpo(model, steps):
         return train_grpo(model, task, grpo_config_of(steps), tokenizer, progress=progress)
 
+    return run_sft, run_grpo
+
+
+def _arm_steps(config, student, run_sft, run_grpo):
+    """The steps of each training phase: {"grpo", "sft", "c_sft", "c_grpo"}, from the matched wall-clock budget
+    arm_seconds (timed on the student) or, with arm_seconds = 0, from the configured step counts."""
     if config.arm_seconds > 0:
         per_grpo_step = _seconds_per_step(run_grpo, student)
         per_sft_step = _seconds_per_step(run_sft, student)
-        steps = {"grpo": max(1, round(config.arm_seconds / per_grpo_step)),
-                 "sft": max(1, round(config.arm_seconds / per_sft_step)),
-                 "c_sft": max(1, round(config.sft_share * config.arm_seconds / per_sft_step)),
-                 "c_grpo": max(1, round((1 - config.sft_share) * config.arm_seconds / per_grpo_step))}
-    else:
-        c_sft = max(1, round(config.sft_share * config.sft_steps))
-        steps = {"grpo": config.grpo_steps, "sft": config.sft_steps, "c_sft": c_sft,
-                 "c_grpo": max(1, round((1 - config.sft_share) * config.grpo_steps))}
-    log(f"steps per arm: {steps}")
+        return {"grpo": max(1, round(config.arm_seconds / per_grpo_step)),
+                "sft": max(1, round(config.arm_seconds / per_sft_step)),
+                "c_sft": max(1, round(config.sft_share * config.arm_seconds / per_sft_step)),
+                "c_grpo": max(1, round((1 - config.sft_share) * config.arm_seconds / per_grpo_step))}
+    c_sft = max(1, round(config.sft_share * config.sft_steps))
+    return {"grpo": config.grpo_steps, "sft": config.sft_steps, "c_sft": c_sft,
+            "c_grpo": max(1, round((1 - config.sft_share) * config.grpo_steps))}
 
-    measure_kwargs = {**eval_settings, "seed": 1234}
-    rows, histories = [], {}
-    rows.append(_row("teacher", measure(teacher, task, tokenizer, **measure_kwargs), None, teacher_active))
-    rows.append(_row(ARMS[0], measure(student, task, tokenizer, **measure_kwargs), pretrain_seconds, student_active,
-                     cpu_seconds=pretrain_cpu))
 
-    models = {}
+def _run_arms(student, task, tokenizer, run_sft, run_grpo, steps, student_active, measure_kwargs):
+    """Step 3 and 4: train each arm on its own copy of the student base and measure it.
+    Returns (rows, histories, {arm: trained model})."""
+    rows, histories, models = [], {}, {}
     for arm, plan in ((ARMS[1], (("a_grpo", run_grpo, "grpo"),)), (ARMS[2], (("b_sft", run_sft, "sft"),)),
                       (ARMS[3], (("c_sft", run_sft, "c_sft"), ("c_grpo", run_grpo, "c_grpo")))):
         model, arm_started = _clone(student), time.process_time()
@@ -427,13 +461,14 @@ def run_distillation(teacher, task, student_model_config, pretrain_config, grpo_
         rows.append(_row(arm, measure(model, task, tokenizer, **measure_kwargs),
                          sum(histories[key]["seconds"] for key, *_ in plan), student_active, cpu_seconds=cpu_seconds,
                          steps={budget.removeprefix("c_"): steps[budget] for _, _, budget in plan}))
+    return rows, histories, models
+
+
+def _log_rows(rows, log):
     for row in rows:
         log(f"{row['arm']:22} CPU s {row.get('cpu_seconds') or 0:6.1f}  accuracy {row['accuracy']:.3f}  "
             f"pass@1 {row['pass_at_1']:.3f}  pass@k {row['pass_at_k']:.3f}  consistency {row['consistency']:.3f}  "
             f"length {row['mean_length']:.1f}")
-    return {"rows": rows, "rejection": traces.summary(), "steps": steps, "histories": histories,
-            "models": {"student": student, "a": models[ARMS[1]], "b": models[ARMS[2]], "c": models[ARMS[3]]},
-            "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -46,13 +46,13 @@ from tqdm.auto import tqdm
 from . import functional as F
 from .autograd import Function, Tensor
 from .backend import backend_of, get_array_module, random_state, set_random_state
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import NonFiniteCheckpointError, load_checkpoint, save_checkpoint
 from .model import Transformer
 from .nn import Module, ModuleList, MoE
 from .nn.moe import GroupedLinear, Renormalize
 from .optim import AdamW
 from .tasks import Tokenizer, build_corpus
-from .loop import TrainingDiverged
+from .loop import TrainingDiverged, checkpoint_due
 from .train import PretrainConfig, heldout_loss, lm_batch, make_optimizer
 
 __all__ = ["Communicator", "world", "find_mpiexec", "abort_on_error", "to_host", "upload", "AllToAll", "ExpertParallelMoE",
@@ -609,10 +609,11 @@ def pretrain(model, task, config=None, tokenizer=None, out_dir=None, resume_from
     Every rank draws the same global batch of config.batch_size problems and trains on its own B/W rows; the
     history is the global one (the same on every rank), and equals the single-process run's up to round-off.
     One checkpoint, `out_dir/pretrain_last`, is written by rank 0 in the single-process format (every expert
-    gathered), so it loads in one process and resumes on any number of ranks. `model` is the whole model
-    (the same on every rank); it is sharded in place. The held-out loss is computed by every rank on the whole
-    held-out batch (the same answer, W times the work: evaluation is not this module's subject). on_step is
-    called as on_step(step, record) on every rank after every step."""
+    gathered), on the single-process schedule (minimoe.loop.checkpoint_due), so it loads in one process and
+    resumes on any number of ranks. `model` is the whole model (the same on every rank); it is sharded in place.
+    The held-out loss is computed by every rank on the whole held-out batch (the same answer, W times the work:
+    evaluation is not this module's subject). on_step is called as on_step(step, record) on every rank after
+    every step."""
     comm = comm or world()
     config = config or PretrainConfig()
     tokenizer = tokenizer or Tokenizer()
@@ -623,65 +624,106 @@ def pretrain(model, task, config=None, tokenizer=None, out_dir=None, resume_from
         history = {"step": [], "loss": [], "lm_loss": [], "lr": [], "grad_norm": [], "expert_load": [],
                    "router_entropy": [], "eval": [], "seconds": 0.0}
         data_rng = np.random.default_rng(config.seed)
-        start_step, buffers, saved = 0, None, None
-        if resume_from is not None:  # the whole model and optimizer, as one process would load them
-            whole_optimizer, whole_scheduler = make_optimizer(model, config, config.steps)
-            _, state = load_checkpoint(resume_from, model, whole_optimizer, whole_scheduler)
-            if state.get("config") != config.to_dict():
-                raise ValueError(f"pretrain: cannot resume from {resume_from!r}: it was saved with a different "
-                                 f"PretrainConfig ({state.get('config')} vs {config.to_dict()})")
-            start_step, history = state["step"], state["history"]
-            data_rng.bit_generator.state = state["data_rng"]
-            buffers = dict(zip([name for name, _ in model.named_parameters()], whole_optimizer.state))
-            saved = whole_optimizer.state_dict(), whole_scheduler.state_dict()
+        start_step, history, saved = _resume_whole(model, config, resume_from, history, data_rng)
         shard_model(model, comm)
         optimizer, scheduler = make_optimizer(model, config, config.steps)
-        if saved is not None:  # this rank's part of the optimizer's state
-            load_full_state_dict(model, None, optimizer, buffers, step=saved[0]["step"], lr=saved[0]["lr"])
-            scheduler.load_state_dict(saved[1])
+        _load_optimizer_part(model, optimizer, scheduler, saved)
         checkpoint = os.path.join(out_dir, "pretrain_last") if out_dir else None
-
-        def save(step):
-            gathered = gather_state_dict(model, optimizer, comm)
-            if comm.rank == 0:
-                state, buffers = gathered
-                generators = random_state()  # building a model draws its initial weights: leave no trace
-                whole = Transformer(model.config)
-                set_random_state(generators)
-                whole.load_state_dict(state)
-                whole_optimizer = AdamW(whole.parameters(), lr=optimizer.lr, weight_decay=config.weight_decay)
-                names = [name for name, _ in whole.named_parameters()]
-                whole_optimizer.load_state_dict({"step": optimizer.step_count, "lr": optimizer.lr,
-                                                 "state": [buffers.get(name, {}) for name in names]})
-                save_checkpoint(checkpoint, whole, whole_optimizer, scheduler,
-                                {"step": step, "history": history, "config": config.to_dict(),
-                                 "data_rng": data_rng.bit_generator.state, "world_size": comm.size})
-            comm.barrier()
-
+        last_saved = (resume_from, start_step) if resume_from is not None else None
         model.train()
         started = time.perf_counter() - history["seconds"]
-        steps = range(start_step, config.steps)
+        steps = range(start_step + 1, config.steps + 1)
         for step in tqdm(steps, desc=f"pretrain ({comm.size} ranks)", disable=not progress or comm.rank != 0):
-            corpus = build_corpus(task, config.batch_size, data_rng, config.mix, split="train")
-            inputs, targets = lm_batch(corpus, tokenizer)
-            lr = optimizer.lr
-            record = training_step(model, optimizer, scheduler, batch_part(inputs, comm), batch_part(targets, comm),
-                                   config.grad_clip, comm)
-            if not math.isfinite(record["loss"]):  # nothing is saved from a diverged step
-                raise TrainingDiverged(f"pretrain: the loss became {record['loss']} at step {step + 1}; the last "
-                                       f"checkpoint is {checkpoint or 'none (no out_dir)'}")
-            record = {"step": step + 1, **record, "lr": lr, **model.routing_summary()}
+            record = _parallel_pretrain_step(model, optimizer, scheduler, task, tokenizer, config, data_rng, comm)
+            _check_loss(step, record["loss"], last_saved)  # nothing is saved from a diverged step
+            record = {"step": step, **record}
             for key, value in record.items():
                 history[key].append(value)
             if on_step:
-                on_step(step + 1, record)
-            if config.eval_every and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
-                history["eval"].append({"step": step + 1,
-                                        "heldout_loss": heldout_loss(model, task, tokenizer, config)})
+                on_step(step, record)
+            if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+                history["eval"].append({"step": step, "heldout_loss": heldout_loss(model, task, tokenizer, config)})
                 model.train()
             history["seconds"] = time.perf_counter() - started
-            if checkpoint and config.checkpoint_every and ((step + 1) % config.checkpoint_every == 0
-                                                           or step + 1 == config.steps):
-                save(step + 1)
+            if checkpoint and checkpoint_due(step, config.checkpoint_every, config.steps):
+                _save_gathered(checkpoint, model, optimizer, scheduler, config, comm,
+                               {"step": step, "history": history, "config": config.to_dict(),
+                                "data_rng": data_rng.bit_generator.state, "world_size": comm.size})
+                last_saved = (checkpoint + ".npz", step)
         history["seconds"] = time.perf_counter() - started
         return history
+
+
+def _resume_whole(model, config, resume_from, history, data_rng):
+    """Before sharding: load the interrupted run's checkpoint into the whole model, as one process would, and
+    restore the data generator. Returns (start step, history, the optimizer's saved state or None), where that
+    state is (buffers by parameter name, optimizer state_dict, scheduler state_dict)."""
+    if resume_from is None:
+        return 0, history, None
+    whole_optimizer, whole_scheduler = make_optimizer(model, config, config.steps)
+    _, state = load_checkpoint(resume_from, model, whole_optimizer, whole_scheduler)
+    if state.get("config") != config.to_dict():
+        raise ValueError(f"pretrain: cannot resume from {resume_from!r}: it was saved with a different "
+                         f"PretrainConfig ({state.get('config')} vs {config.to_dict()})")
+    data_rng.bit_generator.state = state["data_rng"]
+    buffers = dict(zip([name for name, _ in model.named_parameters()], whole_optimizer.state))
+    return state["step"], state["history"], (buffers, whole_optimizer.state_dict(), whole_scheduler.state_dict())
+
+
+def _load_optimizer_part(model, optimizer, scheduler, saved):
+    """After sharding: this rank's part of the resumed optimizer's state, and the schedule (saved None: a new
+    run, nothing to do)."""
+    if saved is None:
+        return
+    buffers, optimizer_state, scheduler_state = saved
+    load_full_state_dict(model, None, optimizer, buffers, step=optimizer_state["step"], lr=optimizer_state["lr"])
+    scheduler.load_state_dict(scheduler_state)
+
+
+def _parallel_pretrain_step(model, optimizer, scheduler, task, tokenizer, config, data_rng, comm):
+    """`minimoe.train.pretrain_step` over the ranks: every rank draws the same global batch and trains on its
+    rows. Returns the global record: loss, lm_loss, grad_norm, lr and the routing summary."""
+    corpus = build_corpus(task, config.batch_size, data_rng, config.mix, split="train")
+    inputs, targets = lm_batch(corpus, tokenizer)
+    lr = optimizer.lr
+    record = training_step(model, optimizer, scheduler, batch_part(inputs, comm), batch_part(targets, comm),
+                           config.grad_clip, comm)
+    return {**record, "lr": lr, **model.routing_summary()}
+
+
+def _where_last_checkpoint(last_saved):
+    if last_saved is None:
+        return "there is no checkpoint to resume from"
+    path, step = last_saved
+    return f"the last checkpoint is {path} (step {step})"
+
+
+def _check_loss(step, loss_value, last_saved):
+    """The divergence guard of minimoe.loop.TrainingRun.check_loss, on the global loss (the same on every rank,
+    so every rank stops)."""
+    if not math.isfinite(loss_value):
+        raise TrainingDiverged(f"pretrain: the loss became {loss_value} at step {step}; stopping "
+                               f"({_where_last_checkpoint(last_saved)}). Try a lower learning rate or a smaller "
+                               "grad_clip.")
+
+
+def _save_gathered(checkpoint, model, optimizer, scheduler, config, comm, state):
+    """Every rank sends its experts and their optimizer buffers to rank 0 (a collective: every rank must call
+    it), which writes them as one single-process checkpoint of a whole model; the others wait for the write."""
+    gathered = gather_state_dict(model, optimizer, comm)
+    if comm.rank == 0:
+        weights, buffers = gathered
+        generators = random_state()  # building a model draws its initial weights: leave no trace
+        whole = Transformer(model.config)
+        set_random_state(generators)
+        whole.load_state_dict(weights)
+        whole_optimizer = AdamW(whole.parameters(), lr=optimizer.lr, weight_decay=config.weight_decay)
+        names = [name for name, _ in whole.named_parameters()]
+        whole_optimizer.load_state_dict({"step": optimizer.step_count, "lr": optimizer.lr,
+                                         "state": [buffers.get(name, {}) for name in names]})
+        try:
+            save_checkpoint(checkpoint, whole, whole_optimizer, scheduler, state)
+        except NonFiniteCheckpointError as error:
+            raise TrainingDiverged(f"pretrain: the weights became non-finite at step {state['step']}; stopping. "
+                                   f"{error}") from None
+    comm.barrier()

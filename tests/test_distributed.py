@@ -93,6 +93,41 @@ def test_launcher_without_mpi4py_says_how_to_install(monkeypatch):
         D.world()
 
 
+def _tiny_pretraining(**settings):
+    from minimoe.model import ModelConfig, Transformer
+    from minimoe.train import PretrainConfig
+
+    minimoe.manual_seed(0)
+    config = PretrainConfig.from_dict({**PretrainConfig().to_dict(), "steps": 3, "batch_size": 4, "eval_every": 0,
+                                       "warmup_steps": 1, **settings})
+    return Transformer(ModelConfig(dim=16, n_heads=2, moe_inter_dim=16)), config
+
+
+def test_one_rank_pretraining_saves_on_the_single_process_schedule(tmp_path):
+    """checkpoint_every=0 saves only after the last step, as minimoe.loop.checkpoint_due says for one process."""
+    from minimoe.tasks import AdditionTask
+
+    model, config = _tiny_pretraining(checkpoint_every=0)
+    history = D.pretrain(model, AdditionTask(), config, out_dir=str(tmp_path), progress=False)
+    assert history["step"] == [1, 2, 3]
+    assert load_checkpoint(tmp_path / "pretrain_last")[1]["step"] == 3
+
+
+def test_a_diverged_loss_stops_pretraining_with_the_loops_error(monkeypatch):
+    from minimoe.loop import TrainingDiverged
+    from minimoe.tasks import AdditionTask
+
+    real_step = D.training_step
+
+    def diverged(*args):
+        return {**real_step(*args), "loss": float("nan")}
+
+    monkeypatch.setattr(D, "training_step", diverged)
+    model, config = _tiny_pretraining()
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 1; stopping \(there is no checkpoint"):
+        D.pretrain(model, AdditionTask(), config, progress=False)
+
+
 @needs_mpiexec
 def test_pretraining_resumes_on_another_number_of_ranks_and_matches_one_process(tmp_path):
     """Interrupted after step 5 on 2 ranks (checkpoint at step 4), resumed on 4: the loss curve and the final
