@@ -37,7 +37,7 @@ from .nn.module import Module
 from .rewards import Reward, addition_consistency, format_reward, parse_addition_steps, parse_answer
 from .rl import GRPOConfig, train_grpo
 from .tasks import AdditionTask, Corpus, Tokenizer
-from .train import PretrainConfig, lm_batch, lm_loss, make_optimizer, pretrain
+from .train import lm_batch, lm_loss, make_optimizer, pretrain
 from .validation import Checks, Config
 
 __all__ = ["REASONS", "accept_response", "RejectionSample", "rejection_sample", "SFTConfig", "sft",
