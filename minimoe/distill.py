@@ -180,14 +180,7 @@ class SFTConfig(Config):
             check.integer(name, minimum=1)
         for name in ("warmup_steps", "checkpoint_every", "seed"):
             check.integer(name, minimum=0)
-        check.real("lr", above=0)
-        check.real("min_lr", minimum=0)
-        check.real("weight_decay", minimum=0)
-        check.real("grad_clip", above=0)
-        if check.ok("lr", "min_lr") and self.min_lr > self.lr:
-            check.fail("min_lr", f"min_lr={self.min_lr} must be ≤ lr={self.lr} (the schedule decays towards it)")
-        if check.ok("steps", "warmup_steps") and self.warmup_steps > self.steps:
-            check.fail("warmup_steps", f"warmup_steps={self.warmup_steps} must be ≤ steps={self.steps}")
+        check.optimizer_schedule()
         check.done()
 
 

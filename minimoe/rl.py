@@ -200,18 +200,15 @@ class GRPOConfig(Config):
             check.integer(name, minimum=0)
         check.real("min_base_pass_at_g", minimum=0, maximum=1)
         check.flag("allow_weak_base")
-        check.real("lr", above=0)
+        check.optimizer_schedule(warmup_within_steps=False)  # the warm-up counts optimizer steps: steps × mu
         check.real("temperature", above=0)
-        check.real("grad_clip", above=0)
-        for name in ("min_lr", "weight_decay", "beta", "accuracy_weight", "format_weight", "target_kl"):
+        for name in ("beta", "accuracy_weight", "format_weight", "target_kl"):
             check.real(name, minimum=0)
         check.real("epsilon", minimum=0, below=1)  # the ratio is clipped below at 1 - epsilon > 0
         check.real("epsilon_high", minimum=0, optional=True)
         check.choice("loss_type", LOSS_TYPES)
         check.choice("scale_rewards", SCALE_REWARDS)
         check.flag("log_kl")
-        if check.ok("lr", "min_lr") and self.min_lr > self.lr:
-            check.fail("min_lr", f"min_lr={self.min_lr} must be ≤ lr={self.lr} (the schedule decays towards it)")
         if check.ok("steps", "mu", "warmup_steps") and self.warmup_steps > self.steps * self.mu:
             check.fail("warmup_steps", f"warmup_steps={self.warmup_steps} must be ≤ steps × mu = "
                                        f"{self.steps * self.mu} (the optimizer steps of the run)")

@@ -97,6 +97,19 @@ class Checks:
         return (isinstance(value, str) and value in options) or \
             self.fail(name, f"{name}={value!r} must be one of {', '.join(map(repr, options))}")
 
+    def optimizer_schedule(self, warmup_within_steps=True):
+        """AdamW with warm-up and cosine decay (minimoe.optim), as every training loop here runs it: lr > 0 decaying
+        towards 0 ≤ min_lr ≤ lr, weight_decay ≥ 0, grad_clip > 0; and warmup_steps ≤ steps, unless the caller
+        checks the warm-up against its own count of optimizer steps."""
+        self.real("lr", above=0)
+        self.real("min_lr", minimum=0)
+        self.real("weight_decay", minimum=0)
+        self.real("grad_clip", above=0)
+        if self.ok("lr", "min_lr") and self["min_lr"] > self["lr"]:
+            self.fail("min_lr", f"min_lr={self['min_lr']} must be ≤ lr={self['lr']} (the schedule decays towards it)")
+        if warmup_within_steps and self.ok("steps", "warmup_steps") and self["warmup_steps"] > self["steps"]:
+            self.fail("warmup_steps", f"warmup_steps={self['warmup_steps']} must be ≤ steps={self['steps']}")
+
     def done(self):
         if self.problems:
             raise ConfigError(f"{self.section}: " + "; ".join(self.problems))
