@@ -318,7 +318,8 @@ def test_grpo_resumes_bit_for_bit_on_fakegpu_including_sampling(tmp_path, fakegp
     from minimoe.tasks import AdditionTask
 
     config = GRPOConfig(steps=4, prompts_per_step=2, group_size=4, warmup_steps=1, max_new_tokens=12,
-                        checkpoint_every=2, seed=1, allow_weak_base=True)  # an untrained model: the loop, not the learning
+                        checkpoint_every=2, seed=1,
+                        allow_weak_base=True)  # an untrained model: the loop, not the learning
     straight = _tiny()
     expected = train_grpo(straight, AdditionTask(3), config, out_dir=str(tmp_path / "a"), progress=False)
     with pytest.raises(_Interrupt):

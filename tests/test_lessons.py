@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LESSONS = ROOT / "lessons"
 SOLUTIONS = LESSONS / "solutions"
 NOTEBOOKS = sorted(LESSONS.glob("[0-9][0-9]_*.ipynb"))
-CELL_TIMEOUT = int(os.environ.get("MINIMOE_CELL_TIMEOUT", "600"))  # a hang guard, not a speed test: a busy machine may be 5x slower
+# a hang guard, not a speed test: a busy machine may be 5x slower than a quiet one
+CELL_TIMEOUT = int(os.environ.get("MINIMOE_CELL_TIMEOUT", "600"))
 KERNEL_NAME = "minimoe-lessons"
 REQUIRED_MARKDOWN = ["## Objectives", "**Prerequisites:**", "**Where the code lives:**", "## Summary", "## Exercises"]
 SOLUTION_MARKER = re.compile(r"^# %% exercise: (\S+)\s*$", re.MULTILINE)

@@ -32,7 +32,8 @@ REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(vocab_size=26, dim=16, n_layers=1, n_heads=2, n_routed_experts=4, moe_inter_dim=8, max_seq_len=48)
 TINY_RUN = {"model": {k: v for k, v in TINY.items() if k != "vocab_size"},
             "pretrain": {"steps": 4, "batch_size": 4, "warmup_steps": 1, "eval_every": 0, "checkpoint_every": 1},
-            "grpo": {"max_new_tokens": 8, "allow_weak_base": True}, "eval": {"max_new_tokens": 8}}  # prompts + responses fit max_seq_len
+            # short responses, so that prompt + response fit max_seq_len; an untrained model may run GRPO
+            "grpo": {"max_new_tokens": 8, "allow_weak_base": True}, "eval": {"max_new_tokens": 8}}
 
 
 def refused(capsys, argv, pattern):
