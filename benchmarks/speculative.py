@@ -28,8 +28,10 @@ block and the head against two blocks and the head, c ≈ 0.6: even with every d
 about 2 / 1.7 ≈ 1.2, and at a ≈ 0.72 about 1.0 — the 1.4× target is out of reach for this model whatever the
 bookkeeping costs. The same pass costs for untrained models of the demo's width with 6 and 12 layers (timing does
 not depend on the weights) show the draft getting cheap (c ≈ 0.2 and 0.1: ceilings ≈ 1.6 and 1.7; DeepSeek-V3:
-one block against 61 layers). At batch 64 the CPU does real work for every position, so v approaches 2, and the
-batch decodes from its slowest sequence (see minimoe/speculative.py): speculation loses there. Times are the
+one block against 61 layers). At batch 64 the CPU does real work for every position (v ≈ 1.2 in the batch-64
+pass-cost rows); besides, module 1 first runs over the whole prompt (its own prefill, which plain decoding does not
+have), and the batch decodes from its slowest sequence (see minimoe/speculative.py), so as the sequences drift
+apart a verification covers three to five positions: speculation loses there. Times are the
 fastest of the rounds, timed in turns. The `minimoe` column holds the figures; PyTorch has no counterpart here.
 """
 
@@ -75,20 +77,22 @@ def run(device, repeats, checkpoint=CHECKPOINT, deeper=DEEPER):
         with minimoe.use_backend(device.backend) as backend:
             model = load_checkpoint(str(checkpoint), restore_random_state=False)[0]
             costs = pass_costs(model, backend, device, repeats)
-            entries = _cost_entries(f"{model.config.n_layers} layers (this model)", costs)
+            entries = _cost_entries(f"{model.config.n_layers} layers (this model), batch 1", costs)
+            entries += _cost_entries(f"{model.config.n_layers} layers (this model), batch 64",
+                                     pass_costs(model, backend, device, max(1, repeats // 5), batch_size=64))
             for kind in ("direct", "worked"):
                 entries += _measure(model, kind, backend, tokenizer, device, repeats, costs)
             for layers in deeper:
                 untrained = Transformer(replace(model.config, n_layers=layers))
                 costs = pass_costs(untrained, backend, device, repeats)
-                entries += _cost_entries(f"{layers} layers (untrained)", costs)
+                entries += _cost_entries(f"{layers} layers (untrained), batch 1", costs)
     finally:
         minimoe.set_default_dtype(previous)
     return entries
 
 
-def pass_costs(model, backend, device, repeats, position=POSITION):
-    """What the passes of one greedy decoding step cost, for one sequence (batch 1) at `position` with the caches
+def pass_costs(model, backend, device, repeats, position=POSITION, batch_size=1):
+    """What the passes of one greedy decoding step cost, for `batch_size` sequences at `position` with the caches
     holding the positions before it; the fastest of `repeats` rounds, timed in turns:
 
         main  seconds of a main pass over one position: the layers, the head, the argmax (a plain step)
@@ -98,12 +102,13 @@ def pass_costs(model, backend, device, repeats, position=POSITION):
         c2    the draft after a kept one: module 1 also feeds the position it drafted from last time (its input,
               the drafted token, was not yet confirmed then) / main
     """
-    ids = backend.asarray(numpy.random.default_rng(0).integers(0, model.config.vocab_size, (1, position + 2)))
+    shape = (batch_size, position + 2)
+    ids = backend.asarray(numpy.random.default_rng(0).integers(0, model.config.vocab_size, shape))
     module, was_training = model.mtp[0], model.training
     model.eval()
     with no_grad():
-        caches, mtp_cache = model.new_caches(1, position + 2), model.new_mtp_caches(1, position + 2)[0]
-        hidden = model.hidden_states(ids[:, :position + 1], 0, caches)  # (1, position + 1, dim)
+        caches, mtp_cache = model.new_caches(*shape), model.new_mtp_caches(*shape)[0]
+        hidden = model.hidden_states(ids[:, :position + 1], 0, caches)  # (B, position + 1, dim)
 
         # a write at `position` rewinds a cache there: every call of these does the same work
         def main_pass(width):
@@ -113,7 +118,7 @@ def pass_costs(model, backend, device, repeats, position=POSITION):
         def draft(width):
             def call():
                 h = module(hidden[:, position - width:position], model.embed(ids[:, position - width + 1:position + 1]),
-                           position - width, mtp_cache)  # (1, width, dim)
+                           position - width, mtp_cache)  # (B, width, dim)
                 return model.head(module.norm(h[:, -1:])).data.argmax(axis=-1)
             return call
 
@@ -158,8 +163,9 @@ def _measure(model, kind, backend, tokenizer, device, repeats, costs):
         tokens = sum(int(backend.to_numpy(run.lengths).sum()) for run in plain)
         drafted = sum(int(backend.to_numpy(run.drafted).sum()) for run in fast)
         accepted = sum(int(backend.to_numpy(run.accepted).sum()) for run in fast)
+        rounds = 3 * repeats if batch_size == 1 else repeats  # short calls: more rounds for a good fastest one
         times = time_in_turns({"plain": lambda: [decode(batch, False) for batch in batches],
-                               "speculative": lambda: [decode(batch, True) for batch in batches]}, repeats, device)
+                               "speculative": lambda: [decode(batch, True) for batch in batches]}, rounds, device)
         plain_rate, fast_rate = tokens / times["plain"]["best"], tokens / times["speculative"]["best"]
         ratio, label = fast_rate / plain_rate, f"speculative, {kind} answers, batch {batch_size}"
         if batch_size == 1:
