@@ -147,8 +147,8 @@ def _cost_entries(label, costs):
 
 
 def _measure(model, kind, backend, tokenizer, device, repeats, costs):
-    def decode(ids, speculative):
-        return generate(model, ids, MAX_NEW_TOKENS, tokenizer.eos_id, tokenizer.pad_id, greedy=True,
+    def decode(ids, speculative, new_tokens=MAX_NEW_TOKENS):
+        return generate(model, ids, new_tokens, tokenizer.eos_id, tokenizer.pad_id, greedy=True,
                         speculative=speculative)
 
     entries = []
@@ -163,27 +163,35 @@ def _measure(model, kind, backend, tokenizer, device, repeats, costs):
         tokens = sum(int(backend.to_numpy(run.lengths).sum()) for run in plain)
         drafted = sum(int(backend.to_numpy(run.drafted).sum()) for run in fast)
         accepted = sum(int(backend.to_numpy(run.accepted).sum()) for run in fast)
+        steps = sum(run.steps for run in fast)  # main-model passes, the prefill included
+        calls = {"plain": lambda: [decode(batch, False) for batch in batches],
+                 "speculative": lambda: [decode(batch, True) for batch in batches]}
+        if batch_size == 1:  # what each call costs before its second token: the prefill, switching to eval mode
+            calls.update({"plain, first token": lambda: [decode(batch, False, 1) for batch in batches],
+                          "speculative, first token": lambda: [decode(batch, True, 1) for batch in batches]})
         rounds = 3 * repeats if batch_size == 1 else repeats  # short calls: more rounds for a good fastest one
-        times = time_in_turns({"plain": lambda: [decode(batch, False) for batch in batches],
-                               "speculative": lambda: [decode(batch, True) for batch in batches]}, rounds, device)
-        plain_rate, fast_rate = tokens / times["plain"]["best"], tokens / times["speculative"]["best"]
-        ratio, label = fast_rate / plain_rate, f"speculative, {kind} answers, batch {batch_size}"
+        times = {name: value["best"] for name, value in time_in_turns(calls, rounds, device).items()}
+        plain_rate, fast_rate = tokens / times["plain"], tokens / times["speculative"]
+        label = f"speculative, {kind} answers, batch {batch_size}"
         if batch_size == 1:
             kept = accepted / drafted
             entries.append(Entry(f"{label}: drafts kept, a ({drafted} drafted, D = {model.config.n_mtp_modules})",
                                  "share", kept))
         entries += [Entry(f"{label}: plain greedy", "tokens/s (higher is better)", plain_rate),
                     Entry(f"{label}: speculative greedy", "tokens/s (higher is better)", fast_rate),
-                    Entry(f"{label}: speculative / plain", "ratio (higher is better)", ratio),
-                    Entry(f"{label}: main-model passes per token", "passes",
-                          sum(run.steps for run in fast) / (tokens / batch_size))]
+                    Entry(f"{label}: speculative / plain", "ratio (higher is better)", fast_rate / plain_rate),
+                    Entry(f"{label}: main-model passes per token", "passes", steps / (tokens / batch_size))]
         if batch_size == 1:
-            c = _draft_cost(costs, kept)
-            per_pass = tokens / sum(run.steps for run in fast)  # 1 + a', below 1 + a: the prefill drafts nothing
+            # after the first token: plain makes tokens − 1 steps, speculation steps − 1, over the same tokens
+            later = len(batches)
+            plain_step = (times["plain"] - times["plain, first token"]) / (tokens - later)
+            step = (times["speculative"] - times["speculative, first token"]) / (steps - later) / plain_step
+            per_step, c = (tokens - later) / (steps - later), _draft_cost(costs, kept)
             entries += [Entry(f"{label}: cost-model ceiling (1 + a) / (v + c)", "ratio (higher is better)",
                               (1 + kept) / (costs["v"] + c)),
-                        Entry(f"{label}: tokens per main pass, 1 + a'", "tokens", per_pass),
-                        Entry(f"{label}: one step in plain steps, (1 + a') / ratio", "plain steps", per_pass / ratio),
-                        Entry(f"{label}: the rest (bookkeeping, prefill, per-call costs), (1 + a') / ratio - v - c",
-                              "plain steps", per_pass / ratio - costs["v"] - c)]
+                        Entry(f"{label}: after the first token, speculative / plain", "ratio (higher is better)",
+                              per_step / step),
+                        Entry(f"{label}: after the first token, a speculative step in plain steps", "plain steps",
+                              step),
+                        Entry(f"{label}: of which bookkeeping, step - v - c", "plain steps", step - costs["v"] - c)]
     return entries

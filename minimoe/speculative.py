@@ -69,11 +69,8 @@ def _draw(probabilities, generator):
 
 def _gather(array, index):
     """array (B, L, ...) at one or several positions per row: index (B,) -> (B, ...), (B, J) -> (B, J, ...)."""
-    xp = get_array_module(array)
-    single = index.ndim == 1
-    index = index[:, None] if single else index
-    picked = xp.take_along_axis(array, index.reshape(index.shape + (1,) * (array.ndim - 2)), axis=1)
-    return picked[:, 0] if single else picked
+    rows = get_array_module(array).arange(array.shape[0])  # (B,)
+    return array[rows, index] if index.ndim == 1 else array[rows[:, None], index]
 
 
 def _rewind(caches, length):
