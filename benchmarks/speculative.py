@@ -12,27 +12,29 @@ greedy decoding produce the same tokens (checked here), so the ratio is a ratio 
 
 Where to expect it. One greedy step with D = 1 is a main pass over two positions (the last token and the draft)
 and a draft (module 1 and the shared head), and yields 1 + (draft kept) tokens. In units of a plain step (a main
-pass over one position), with a the share of drafts kept:
+pass over one position), with a the share of drafts kept, after each call's first token:
 
-    speculative / plain  =  (1 + a') / (v + c + rest)  ≤  (1 + a) / (v + c)  ≤  2 / (v + c)
+    speculative / plain  =  (1 + a) / (v + c + b)  ≤  (1 + a) / (v + c)  ≤  2 / (v + c)
 
     v     a main pass over two positions / over one (about 1.1 at batch 1: per-operation overhead dominates)
     c     the draft / a plain step: c1 after a refused draft, c2 after a kept one, when module 1 also feeds the
           position it drafted from (its input then was the unconfirmed draft); c = (1 − a)·c1 + a·c2
-    a'    extra tokens per main pass, below a: the prefill is a main pass that drafts nothing
-    rest  the bookkeeping (accept, roll back, one host read per step) and what both decoders pay once per call
-          (the prefill, switching to eval mode), in plain steps per speculative step
+    b     the bookkeeping: accept, roll back, one host read per step, net of plain decoding's own
+
+The end-to-end ratio also carries what both decoders pay once per call (the prefill, a main pass that drafts
+nothing; switching to eval mode), which pulls it towards 1 for short answers; the rows split it off by timing each
+call's first token alone.
 
 The rows give each term, the ceilings and the measured ratio. In the demo's model (two layers) the draft is an MoE
 block and the head against two blocks and the head, c ≈ 0.6: even with every draft kept the ratio cannot pass
 about 2 / 1.7 ≈ 1.2, and at a ≈ 0.72 about 1.0 — the 1.4× target is out of reach for this model whatever the
 bookkeeping costs. The same pass costs for untrained models of the demo's width with 6 and 12 layers (timing does
-not depend on the weights) show the draft getting cheap (c ≈ 0.2 and 0.1: ceilings ≈ 1.6 and 1.7; DeepSeek-V3:
-one block against 61 layers). At batch 64 the CPU does real work for every position (v ≈ 1.2 in the batch-64
-pass-cost rows); besides, module 1 first runs over the whole prompt (its own prefill, which plain decoding does not
-have), and the batch decodes from its slowest sequence (see minimoe/speculative.py), so as the sequences drift
-apart a verification covers three to five positions: speculation loses there. Times are the
-fastest of the rounds, timed in turns. The `minimoe` column holds the figures; PyTorch has no counterpart here.
+not depend on the weights) show the draft getting cheap (c ≈ 0.2 and 0.1: ceilings ≈ 1.6 and 1.7; DeepSeek-V3: one
+block against 61 layers). At batch 64 the CPU does real work for every position (v ≈ 1.2 in the batch-64 pass-cost
+rows); besides, module 1 first runs over the whole prompt (its own prefill, which plain decoding does not have),
+and the batch decodes from its slowest sequence (see minimoe/speculative.py), so as the sequences drift apart a
+verification covers three to five positions: speculation loses there. Times are the fastest of the rounds, timed
+in turns. The `minimoe` column holds the figures; PyTorch has no counterpart here.
 """
 
 from dataclasses import replace
