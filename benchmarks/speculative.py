@@ -19,7 +19,8 @@ pass over one position), with a the share of drafts kept, after each call's firs
     v     a main pass over two positions / over one (about 1.1 at batch 1: per-operation overhead dominates)
     c     the draft / a plain step: c1 after a refused draft, c2 after a kept one, when module 1 also feeds the
           position it drafted from (its input then was the unconfirmed draft); c = (1 − a)·c1 + a·c2
-    b     the bookkeeping: accept, roll back, one host read per step, net of plain decoding's own
+    b     the bookkeeping (accept, roll back, one host read per step, net of plain decoding's own), and module 1's
+          first pass, over the whole prompt, spread over the steps
 
 The end-to-end ratio also carries what both decoders pay once per call (the prefill, a main pass that drafts
 nothing; switching to eval mode), which pulls it towards 1 for short answers; the rows split it off by timing each
@@ -34,7 +35,8 @@ block against 61 layers). At batch 64 the CPU does real work for every position 
 rows); besides, module 1 first runs over the whole prompt (its own prefill, which plain decoding does not have),
 and the batch decodes from its slowest sequence (see minimoe/speculative.py), so as the sequences drift apart a
 verification covers three to five positions: speculation loses there. Times are the fastest of the rounds, timed
-in turns. The `minimoe` column holds the figures; PyTorch has no counterpart here.
+in turns, in CPU seconds on the CPU and wall-clock seconds on a GPU (see _clock). The `minimoe` column holds the
+figures; PyTorch has no counterpart here.
 """
 
 from dataclasses import replace
@@ -127,10 +129,16 @@ def pass_costs(model, backend, device, repeats, position=POSITION, batch_size=1)
         module(hidden[:, :position - 1], model.embed(ids[:, 1:position]), 0, mtp_cache)  # positions 0 … position - 2
         times = time_in_turns({"main": main_pass(1), "verify": main_pass(2), "c1": draft(1), "c2": draft(2)},
                               20 * repeats, device, warmup=3)
+        times = {name: value[_clock(device)] for name, value in times.items()}
     model.train(was_training)
-    main = times["main"]["best"]
-    return {"main": main, **{name: times[key]["best"] / main for name, key in
-                             (("v", "verify"), ("c1", "c1"), ("c2", "c2"))}}
+    main = times["main"]
+    return {"main": main, **{name: times[key] / main for name, key in (("v", "verify"), ("c1", "c1"), ("c2", "c2"))}}
+
+
+def _clock(device):
+    """Which minimum to use: CPU time on the CPU (one BLAS thread: an idle machine's wall-clock time, and on a
+    shared one it leaves out the time other programs held the cores), wall-clock time on a GPU."""
+    return "best" if device.is_gpu else "best_cpu"
 
 
 def _draft_cost(costs, kept):
@@ -172,15 +180,16 @@ def _measure(model, kind, backend, tokenizer, device, repeats, costs):
             calls.update({"plain, first token": lambda: [decode(batch, False, 1) for batch in batches],
                           "speculative, first token": lambda: [decode(batch, True, 1) for batch in batches]})
         rounds = 3 * repeats if batch_size == 1 else repeats  # short calls: more rounds for a good fastest one
-        times = {name: value["best"] for name, value in time_in_turns(calls, rounds, device).items()}
+        times = {name: value[_clock(device)] for name, value in time_in_turns(calls, rounds, device).items()}
         plain_rate, fast_rate = tokens / times["plain"], tokens / times["speculative"]
         label = f"speculative, {kind} answers, batch {batch_size}"
         if batch_size == 1:
             kept = accepted / drafted
             entries.append(Entry(f"{label}: drafts kept, a ({drafted} drafted, D = {model.config.n_mtp_modules})",
                                  "share", kept))
-        entries += [Entry(f"{label}: plain greedy", "tokens/s (higher is better)", plain_rate),
-                    Entry(f"{label}: speculative greedy", "tokens/s (higher is better)", fast_rate),
+        unit = "tokens/s (higher is better)" if device.is_gpu else "tokens per CPU second (higher is better)"
+        entries += [Entry(f"{label}: plain greedy", unit, plain_rate),
+                    Entry(f"{label}: speculative greedy", unit, fast_rate),
                     Entry(f"{label}: speculative / plain", "ratio (higher is better)", fast_rate / plain_rate),
                     Entry(f"{label}: main-model passes per token", "passes", steps / (tokens / batch_size))]
         if batch_size == 1:
@@ -195,5 +204,6 @@ def _measure(model, kind, backend, tokenizer, device, repeats, costs):
                               per_step / step),
                         Entry(f"{label}: after the first token, a speculative step in plain steps", "plain steps",
                               step),
-                        Entry(f"{label}: of which bookkeeping, step - v - c", "plain steps", step - costs["v"] - c)]
+                        Entry(f"{label}: of which bookkeeping and module 1's prefill, step - v - c", "plain steps",
+                              step - costs["v"] - c)]
     return entries
