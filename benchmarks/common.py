@@ -108,8 +108,10 @@ def limit_threads(threads, with_torch=True):
 
 
 def time_in_turns(calls, repeats, device, warmup=1):
-    """{name: {"wall": median seconds, "cpu": median CPU seconds}} for each zero-argument callable in `calls`,
-    called in turns for `repeats` rounds after `warmup` untimed calls each."""
+    """{name: {"wall": median seconds, "cpu": median CPU seconds, "best": the fastest round's seconds, "best_cpu":
+    the fewest CPU seconds of a round}} for each zero-argument callable in `calls`, called in turns for `repeats`
+    rounds after `warmup` untimed calls each. (The minima suit ratios of short calls on a shared machine: other
+    programs only ever add time.)"""
     for call in calls.values():
         for _ in range(warmup):
             call()
@@ -123,7 +125,8 @@ def time_in_turns(calls, repeats, device, warmup=1):
             device.synchronize()
             wall[name].append(time.perf_counter() - start_wall)
             cpu[name].append(time.process_time() - start_cpu)
-    return {name: {"wall": statistics.median(wall[name]), "cpu": statistics.median(cpu[name])} for name in calls}
+    return {name: {"wall": statistics.median(wall[name]), "cpu": statistics.median(cpu[name]), "best": min(wall[name]),
+                   "best_cpu": min(cpu[name])} for name in calls}
 
 
 def machine_description(threads, device, keep_freed_memory=False):

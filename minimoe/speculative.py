@@ -69,11 +69,8 @@ def _draw(probabilities, generator):
 
 def _gather(array, index):
     """array (B, L, ...) at one or several positions per row: index (B,) -> (B, ...), (B, J) -> (B, J, ...)."""
-    xp = get_array_module(array)
-    single = index.ndim == 1
-    index = index[:, None] if single else index
-    picked = xp.take_along_axis(array, index.reshape(index.shape + (1,) * (array.ndim - 2)), axis=1)
-    return picked[:, 0] if single else picked
+    rows = get_array_module(array).arange(array.shape[0])  # (B,)
+    return array[rows, index] if index.ndim == 1 else array[rows[:, None], index]
 
 
 def _rewind(caches, length):
@@ -130,15 +127,16 @@ class _Speculation:
         Returns p (B, n + 1, V), those positions judged_at (B, n + 1), and end (a host int)."""
         xp, end = self.xp, min(self.highest + self.n_drafts, self.total)
         h = self.model.hidden_states(self.tokens[:, self.cached:end], start_pos=self.cached,
-                                     caches=self.main_caches)  # (B, L, dim), L = end − cached
-        logits = self.model.output(h).data  # (B, L, V)
+                                     caches=self.main_caches).data  # (B, L, dim), L = end − cached
         if self.hidden is None:
             self.hidden = [xp.zeros((len(self.rows), self.total, self.model.config.dim), dtype=h.dtype)
                            for _ in range(self.depth)]
-        self.hidden[0][:, self.cached:end] = h.data
+        self.hidden[0][:, self.cached:end] = h
         self.steps += 1
         judged_at = self.committed[:, None] - 1 + xp.arange(self.n_drafts + 1)  # (B, n + 1)
-        p = self.target(_gather(logits, xp.minimum(judged_at, end - 1) - self.cached))  # (B, n + 1, V)
+        # the head only where a judgement is needed, not over the whole prompt or re-fed positions
+        judging = Tensor(_gather(h, xp.minimum(judged_at, end - 1) - self.cached))  # (B, n + 1, dim)
+        p = self.target(self.model.output(judging).data)  # (B, n + 1, V)
         return p, judged_at, end
 
     def accept(self, p, judged_at, end):
