@@ -336,3 +336,21 @@ def test_an_fp8_model_trains_the_same_on_fakegpu():
             loss.backward()
             results.append((loss.item(), to_numpy(model.layers[1].ffn.experts[2].w2.weight.grad)))
     assert results[0][0] == results[1][0] and np.array_equal(results[0][1], results[1][1])
+
+
+def test_generation_runs_the_routed_experts_in_fp8_too():
+    """A few tokens under no_grad take MoE's sync-free decode path, which multiplies by the expert weights
+    directly: an FP8 model must give there what its training path gives (else sampling runs in float32)."""
+    minimoe.manual_seed(0)
+    model = Transformer(ModelConfig(**SMALL, fp8="v3"))
+    minimoe.manual_seed(0)
+    plain = Transformer(ModelConfig(**SMALL))
+    model.eval()
+    plain.eval()
+    ids = np.random.default_rng(5).integers(0, 20, (2, 8))  # 16 tokens: fewer than MoE.sync_free_tokens
+    assert ids.size <= type(model.layers[1].ffn).sync_free_tokens
+    training_path = model(ids).numpy()  # gradients on: the grouped FP8 GEMMs
+    with minimoe.no_grad():
+        decoding, reference = model(ids).numpy(), plain(ids).numpy()
+    check_close(decoding, training_path, atol=0, rtol=0, name="FP8 model, decode path vs grouped path")
+    assert np.abs(decoding - reference).max() > 1e-4  # and it is FP8, not float32
