@@ -7,7 +7,9 @@
                                              K = 4096 without promotion)
     python -m benchmarks.fp8 training       the demo model pretrained with its FFN GEMMs in simulated FP8 against
                                              float32, on the same batches from the same initialisation, per seed:
-                                             final held-out loss and its relative error (--steps, --seeds)
+                                             final held-out loss and its relative error (--steps, --seeds), next to
+                                             controls that are not FP8 (initial weights nudged by 1e-6, bf16 GEMM
+                                             inputs, float64): how far the loss moves for reasons of its own
     python -m benchmarks.fp8 memory         the bytes FP8 saves at V3's size, computed from its published config
     python -m benchmarks.fp8 all            the four
 
@@ -229,7 +231,8 @@ def training(seeds=(0, 1, 2), steps=1000, variants=tuple(VARIANTS), batch_size=1
             minimoe.set_default_dtype(dtype)
             rows.append({"seed": seed, "variant": name, "steps": steps, "batch_size": batch_size,
                          "heldout_loss": history["eval"][-1]["heldout_loss"], "seconds": round(history["seconds"], 1),
-                         "curve": history["lm_loss"], "evals": [(e["step"], e["heldout_loss"]) for e in history["eval"]]})
+                         "curve": history["lm_loss"],
+                         "evals": [(e["step"], e["heldout_loss"]) for e in history["eval"]]})
             print(f"  seed {seed} {name:>28}: held-out loss {rows[-1]['heldout_loss']:.4f}  "
                   f"({history['seconds']:.0f} s)", flush=True)
     return compare_with_float32(rows)
