@@ -7,7 +7,9 @@
                                              K = 4096 without promotion)
     python -m benchmarks.fp8 training       the demo model pretrained with its FFN GEMMs in simulated FP8 against
                                              float32, on the same batches from the same initialisation, per seed:
-                                             final held-out loss and its relative error (--steps, --seeds)
+                                             final held-out loss and its relative error (--steps, --seeds), next to
+                                             controls that are not FP8 (initial weights nudged by 1e-6, bf16 GEMM
+                                             inputs, float64): how far the loss moves for reasons of its own
     python -m benchmarks.fp8 memory         the bytes FP8 saves at V3's size, computed from its published config
     python -m benchmarks.fp8 all            the four
 
@@ -24,6 +26,7 @@ import os
 import sys
 import time
 
+import ml_dtypes
 import numpy as np
 
 import minimoe
@@ -171,25 +174,49 @@ def plot_gemm(rows, path, group_k=4):
 # (3) the demo model pretrained in FP8
 # ==============================================================================================================
 
+@dataclasses.dataclass(frozen=True)
+class BF16Inputs(fp8.FP8Recipe):
+    """Not FP8: the same GEMMs (Fprop, Dgrad, Wgrad of the same layers) with every input rounded to bfloat16,
+    no scales, exact sums. BF16 is what V3's FP8 run is measured against; here it is a control: how far a
+    rounding 32x finer than E4M3's moves the final loss."""
+
+    def quantize_along_k(self, x, scaling):
+        return x.astype(ml_dtypes.bfloat16).astype(np.float64)
+
+
 EXACT_SUM = {"accumulator_bits": None}
 VARIANTS = {
     "float32": None,
-    "float64": "float64",  # the noise floor: how far 1e-7-sized rounding differences alone move the final loss
+    # controls: perturbations that are not FP8, to measure how far the final loss moves for reasons of its own
+    "float64": "float64",  # rounding differences of ~1e-7 at every operation
+    "float32 init×(1+1e-6ε)": "perturbed",  # each initial weight moved by a relative 1e-6, once
+    "bf16 GEMM inputs": BF16Inputs(**EXACT_SUM),
     "fp8 v3": fp8.RECIPES["v3"],  # 1×128 tiles, 128×128 blocks, 14-bit accumulator promoted every 128
     "fp8 per-tensor": fp8.RECIPES["per_tensor"],
     # the same quantization with exact sums: 3-4x faster to simulate
     "fp8 v3 exact-sum": dataclasses.replace(fp8.RECIPES["v3"], **EXACT_SUM),
     "fp8 per-tensor exact-sum": dataclasses.replace(fp8.RECIPES["per_tensor"], **EXACT_SUM),
+    "fp8 v3 exact-sum Fprop-only": dataclasses.replace(fp8.RECIPES["v3"], quantize_gradients=False, **EXACT_SUM),
 }
+CONTROLS = ("float64", "float32 init×(1+1e-6ε)", "bf16 GEMM inputs")
+
+
+def perturb_weights(model, relative, seed):
+    """Multiply every parameter by (1 + relative · ε), ε ~ N(0, 1) from a generator of its own (the batches and
+    the model's random state are untouched)."""
+    rng = np.random.default_rng([seed, 1])
+    for p in model.parameters():
+        p.data[...] = p.data * (1 + relative * rng.standard_normal(p.data.shape)).astype(p.data.dtype)
 
 
 def training(seeds=(0, 1, 2), steps=1000, variants=tuple(VARIANTS), batch_size=128, progress=False):
     """Pretrain the demo model once per (seed, variant), each variant from the same initial weights and on the
-    same batches (both follow the seed). Rows: seed, variant, final held-out loss, its relative error against
-    float32's of the same seed, seconds; and each run's loss curve (under "curve")."""
+    same batches (both follow the seed), evaluating the held-out loss every steps/10. Rows: seed, variant, final
+    held-out loss, its errors against float32 of the same seed (compare_with_float32), seconds; each run's
+    training loss curve ("curve") and held-out evaluations ("evals", (step, loss) pairs)."""
     tokenizer, task = Tokenizer(), AdditionTask(3)
-    config = PretrainConfig(steps=steps, batch_size=batch_size, warmup_steps=min(50, steps // 10), eval_every=steps,
-                            checkpoint_every=0)
+    config = PretrainConfig(steps=steps, batch_size=batch_size, warmup_steps=min(50, steps // 10),
+                            eval_every=max(steps // 10, 1), checkpoint_every=0)
     rows = []
     for seed in seeds:
         for name in variants:
@@ -198,31 +225,60 @@ def training(seeds=(0, 1, 2), steps=1000, variants=tuple(VARIANTS), batch_size=1
             model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size))
             if isinstance(VARIANTS[name], fp8.FP8Recipe):
                 fp8.use_fp8(model, VARIANTS[name])
+            elif VARIANTS[name] == "perturbed":
+                perturb_weights(model, 1e-6, seed)
             history = pretrain(model, task, dataclasses.replace(config, seed=seed), tokenizer, progress=progress)
             minimoe.set_default_dtype(dtype)
             rows.append({"seed": seed, "variant": name, "steps": steps, "batch_size": batch_size,
                          "heldout_loss": history["eval"][-1]["heldout_loss"], "seconds": round(history["seconds"], 1),
-                         "curve": history["lm_loss"]})
-            print(f"  seed {seed} {name:>24}: held-out loss {rows[-1]['heldout_loss']:.4f}  "
+                         "curve": history["lm_loss"],
+                         "evals": [(e["step"], e["heldout_loss"]) for e in history["eval"]]})
+            print(f"  seed {seed} {name:>28}: held-out loss {rows[-1]['heldout_loss']:.4f}  "
                   f"({history['seconds']:.0f} s)", flush=True)
     return compare_with_float32(rows)
 
 
 def compare_with_float32(rows):
-    """Add to each row its relative error against the float32 run of the same seed: of the final held-out loss
-    ("relative_error", the signed difference in "signed_error"), and of the mean training loss over the last 20
-    steps ("train_relative_error"; a mean over batches, less noisy than one evaluation)."""
+    """Add to each row its differences from the float32 run of the same seed, (x − float32's) / float32's:
+    "signed_error" of the final held-out loss ("relative_error" its size), and "late_error": of the mean
+    held-out loss over the evaluations of the second half of training (less at the mercy of the step at which
+    one run makes a late drop)."""
     reference = {row["seed"]: row for row in rows if row["variant"] == "float32"}
     for row in rows:
         base = reference[row["seed"]]
-        row["train_loss_last20"] = float(np.mean(row["curve"][-20:]))
-        base_train = float(np.mean(base["curve"][-20:]))
-        signed = (row["heldout_loss"] - base["heldout_loss"]) / base["heldout_loss"]
+        row["late_heldout_loss"] = late_mean(row)
         is_reference = row is base
+        signed = (row["heldout_loss"] - base["heldout_loss"]) / base["heldout_loss"]
         row["signed_error"] = None if is_reference else signed
         row["relative_error"] = None if is_reference else abs(signed)
-        row["train_relative_error"] = None if is_reference else abs(row["train_loss_last20"] - base_train) / base_train
+        row["late_error"] = None if is_reference else (late_mean(row) - late_mean(base)) / late_mean(base)
     return rows
+
+
+def late_mean(row):
+    """The mean held-out loss over the evaluations at steps > half of the run's."""
+    return float(np.mean([loss for step, loss in row["evals"] if step > row["steps"] / 2]))
+
+
+def summarise(rows):
+    """One row per variant: mean and max |final error| over seeds, the mean late error's size, and the error of
+    the mean over seeds of the final held-out loss (float32's seed-to-seed spread, as a standard deviation, on
+    the float32 row)."""
+    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    final = {v: np.array([r["heldout_loss"] for r in rows if r["variant"] == v]) for v in variants}
+    out = []
+    for v in variants:
+        chosen = [r for r in rows if r["variant"] == v]
+        if v == "float32":
+            out.append({"variant": v, "seed_mean": float(final[v].mean()),
+                        "seed_std": float(final[v].std(ddof=1)) if len(final[v]) > 1 else None})
+            continue
+        out.append({"variant": v, "seed_mean": float(final[v].mean()),
+                    "mean_abs_final": float(np.mean([r["relative_error"] for r in chosen])),
+                    "max_abs_final": float(np.max([r["relative_error"] for r in chosen])),
+                    "mean_abs_late": float(np.mean([abs(r["late_error"]) for r in chosen])),
+                    "error_of_seed_mean": float(final[v].mean() / final["float32"].mean() - 1)})
+    return out
 
 
 def plot_training(rows, path):
@@ -333,7 +389,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=1000, help="pretraining steps per run (training)")
     parser.add_argument("--batch-size", type=int, default=128, help="problems per step (training)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (training)")
-    parser.add_argument("--variants", default="float32,fp8 v3,fp8 per-tensor",
+    parser.add_argument("--variants", default="float32,float32 init×(1+1e-6ε),bf16 GEMM inputs,fp8 v3,"
+                                              "fp8 per-tensor",
                         help=f"comma-separated, of {list(VARIANTS)}")
     parser.add_argument("--json", metavar="PATH", help="write every table's rows as JSON")
     parser.add_argument("--plots", metavar="DIR", help="draw the charts and the loss curves there")
@@ -367,16 +424,16 @@ def main(argv=None):
               flush=True)
         rows = training(args.seeds, args.steps, variants, args.batch_size)
         results["training"] = rows
-        table = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
-        _print("final held-out loss, and the mean training loss of the last 20 steps", table,
-               [("seed", 4), ("variant", 24), ("steps", 5), ("heldout_loss", 12), ("relative_error", 14),
-                ("signed_error", 12), ("train_loss_last20", 17), ("train_relative_error", 20), ("seconds", 8)])
-        for name in variants[1:]:
-            errors = [r["relative_error"] for r in rows if r["variant"] == name]
-            signed = [r["signed_error"] for r in rows if r["variant"] == name]
-            train = [r["train_relative_error"] for r in rows if r["variant"] == name]
-            print(f"  {name}: held-out loss |relative error| mean {np.mean(errors):.3%}, max {np.max(errors):.3%} "
-                  f"(signed mean {np.mean(signed):+.3%}); last-20-steps training loss: mean {np.mean(train):.3%}")
+        table = [{k: v for k, v in r.items() if k not in ("curve", "evals")} for r in rows]
+        _print("final held-out loss; its difference from float32's (same seed), and that of the mean held-out loss "
+               "over the second half's evaluations", table,
+               [("seed", 4), ("variant", 28), ("steps", 5), ("heldout_loss", 12), ("signed_error", 12),
+                ("late_heldout_loss", 17), ("late_error", 10), ("seconds", 8)])
+        results["training_summary"] = summary = summarise(rows)
+        _print("over seeds: |final error| mean and max, |late error| mean, and the error of the seed-mean final "
+               "loss (controls first: how far the loss moves without FP8)", summary,
+               [("variant", 28), ("seed_mean", 9), ("seed_std", 8), ("mean_abs_final", 14), ("max_abs_final", 13),
+                ("mean_abs_late", 13), ("error_of_seed_mean", 18)])
         if args.plots:
             plot_training(rows, os.path.join(args.plots, "fp8_training.png"))
     if "memory" in what:

@@ -506,7 +506,9 @@ def use_fp8(model, recipe="v3", modules=None, strict=True):
              attention. (V3 keeps the attention *operators* — scores, softmax, weighted sum — in BF16; its
              projections wq … wo do run in FP8. strict=False lets you quantize those projections, or the head.)
 
-    Parameters are shared, not copied: the state dict, the optimizer and checkpoints are unchanged."""
+    Parameters are shared, not copied: the state dict, the optimizer and checkpoints are unchanged. An MoE layer
+    gives up its sync-free decode path (it would run the routed experts in float32): decoding then reads the
+    expert sizes back to the host, as training does."""
     from .nn.moe import MoE  # here, not at the top: nn.moe is above this module's basic needs
 
     recipe = fp8_recipe(recipe)
@@ -528,6 +530,9 @@ def use_fp8(model, recipe="v3", modules=None, strict=True):
                 continue
             if isinstance(module, MoE):
                 module.grouped_linear = functools.partial(FP8GroupedLinear, recipe=recipe)
+                # MoE's sync-free decode path (few tokens, no_grad) multiplies by the expert weights directly,
+                # in float32: turned off, every forward (generation included) runs the experts in FP8
+                module.sync_free_tokens = 0
                 switched.append(name + ".experts")
                 found = True
             elif type(module) is Linear:

@@ -336,3 +336,58 @@ def test_an_fp8_model_trains_the_same_on_fakegpu():
             loss.backward()
             results.append((loss.item(), to_numpy(model.layers[1].ffn.experts[2].w2.weight.grad)))
     assert results[0][0] == results[1][0] and np.array_equal(results[0][1], results[1][1])
+
+
+def test_generation_runs_the_routed_experts_in_fp8_too():
+    """A few tokens under no_grad take MoE's sync-free decode path, which multiplies by the expert weights
+    directly: an FP8 model must give there what its training path gives (else sampling runs in float32)."""
+    minimoe.manual_seed(0)
+    model = Transformer(ModelConfig(**SMALL, fp8="v3"))
+    minimoe.manual_seed(0)
+    plain = Transformer(ModelConfig(**SMALL))
+    model.eval()
+    plain.eval()
+    ids = np.random.default_rng(5).integers(0, 20, (2, 8))  # 16 tokens: fewer than MoE.sync_free_tokens
+    assert ids.size <= type(model.layers[1].ffn).sync_free_tokens
+    training_path = model(ids).numpy()  # gradients on: the grouped FP8 GEMMs
+    with minimoe.no_grad():
+        decoding, reference = model(ids).numpy(), plain(ids).numpy()
+    check_close(decoding, training_path, atol=0, rtol=0, name="FP8 model, decode path vs grouped path")
+    assert np.abs(decoding - reference).max() > 1e-4  # and it is FP8, not float32
+
+
+def test_training_table_controls_and_summary():
+    """The benchmark's bf16 control rounds as torch's bfloat16 does, its nudge leaves the random state alone, and
+    its summary computes what its docstring says on a hand-made table."""
+    import torch
+
+    from benchmarks import fp8 as measurements
+
+    x = (np.random.default_rng(3).standard_normal((5, 70)) * 10.0 ** np.arange(-4, 6, 2)[:, None]).astype(np.float32)
+    expected = torch.from_numpy(x).to(torch.bfloat16).to(torch.float64).numpy()
+    check_close(measurements.BF16Inputs().quantize_along_k(x, "tile"), expected, atol=0, rtol=0, name="bf16 control")
+
+    minimoe.manual_seed(0)
+    model = Transformer(ModelConfig(**SMALL))
+    before = {name: p.numpy().copy() for name, p in model.named_parameters()}
+    measurements.perturb_weights(model, 1e-6, seed=0)
+    next_draw = minimoe.randn(3).numpy()
+    minimoe.manual_seed(0)
+    Transformer(ModelConfig(**SMALL))
+    assert np.array_equal(minimoe.randn(3).numpy(), next_draw)  # the nudge drew nothing from the global state
+    moved = [np.abs(p.numpy() / before[name] - 1).max() for name, p in model.named_parameters() if before[name].any()]
+    assert 1e-7 < max(moved) < 1e-5
+
+    def row(seed, variant, late_losses, final):
+        return {"seed": seed, "variant": variant, "steps": 10, "heldout_loss": final,
+                "evals": [(4, 9.0), *[(step, loss) for step, loss in zip((6, 8), late_losses)], (10, final)]}
+
+    rows = measurements.compare_with_float32([row(0, "float32", [2.5], 2.0), row(0, "fp8", [2.3], 2.2),
+                                              row(1, "float32", [1.5], 1.0), row(1, "fp8", [1.6], 0.9)])
+    fp8_rows = [r for r in rows if r["variant"] == "fp8"]
+    check_close([r["signed_error"] for r in fp8_rows], [0.1, -0.1], name="final errors")
+    check_close([r["late_error"] for r in fp8_rows], [0.0, 0.0], atol=1e-12, name="late errors (steps > 5)")
+    reference, summary = measurements.summarise(rows)
+    check_close(reference["seed_std"], np.sqrt(0.5), name="float32's seed-to-seed spread")
+    check_close([summary["mean_abs_final"], summary["max_abs_final"], summary["error_of_seed_mean"]],
+                [0.1, 0.1, 3.1 / 3 - 1], name="summary")
