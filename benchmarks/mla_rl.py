@@ -14,7 +14,10 @@ Run with OPENBLAS_NUM_THREADS=1 and nice. CPU time per run: a base ~86 s, GRPO ~
 The configurations measured for issue 19 (lesson 08, section 8), each the V3-style model section
     {"attention": "mla", "score_func": "sigmoid", "n_shared_experts": 1, "bias_update_speed": 0.001,
      "route_scale": 2.5, "n_expert_groups": 4, "n_limited_groups": 2}
-plus, one at a time, {"qk_rope_head_dim": 16} or {"kv_lora_rank": 64}; MHA is the default config ({}).
+plus, one at a time, {"qk_rope_head_dim": 16} or {"kv_lora_rank": 64}; MHA is the default config ({}). Then, on
+the slow seed first, {"kv_lora_rank": 64, "rope_theta": 100.0} with pretraining sections such as {"steps": 1200}
+(the preset, minimoe/presets/v3.json), {"steps": 1100}, {"batch_size": 64, "steps": 2000}, {"min_lr": 1e-3} or
+{"weight_decay": 0.1}; lesson 08, section 8 has the table.
 """
 
 import argparse
