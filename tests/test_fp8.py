@@ -14,6 +14,7 @@ from minimoe import fp8
 from minimoe.autograd import ShapeError
 from minimoe.model import ModelConfig, Transformer
 from minimoe.testing import check_close, to_numpy
+from parity import require_torch
 
 E4M3 = ml_dtypes.float8_e4m3fn
 EXACT = dataclasses.replace(fp8.RECIPES["v3"], accumulator_bits=None)  # V3's quantization, exact accumulation
@@ -356,16 +357,20 @@ def test_generation_runs_the_routed_experts_in_fp8_too():
     assert np.abs(decoding - reference).max() > 1e-4  # and it is FP8, not float32
 
 
-def test_training_table_controls_and_summary():
-    """The benchmark's bf16 control rounds as torch's bfloat16 does, its nudge leaves the random state alone, and
-    its summary computes what its docstring says on a hand-made table."""
-    import torch
-
+def test_the_bf16_control_rounds_as_torch_does():
+    """The benchmark's bf16 control (ml_dtypes' bfloat16) rounds as torch's bfloat16 does, over six decades."""
+    torch = require_torch()
     from benchmarks import fp8 as measurements
 
     x = (np.random.default_rng(3).standard_normal((5, 70)) * 10.0 ** np.arange(-4, 6, 2)[:, None]).astype(np.float32)
     expected = torch.from_numpy(x).to(torch.bfloat16).to(torch.float64).numpy()
     check_close(measurements.BF16Inputs().quantize_along_k(x, "tile"), expected, atol=0, rtol=0, name="bf16 control")
+
+
+def test_training_table_nudge_and_summary():
+    """The benchmark's nudge leaves the random state alone, and its summary computes what its docstring says on a
+    hand-made table."""
+    from benchmarks import fp8 as measurements
 
     minimoe.manual_seed(0)
     model = Transformer(ModelConfig(**SMALL))
