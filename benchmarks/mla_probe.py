@@ -1,0 +1,439 @@
+"""Look inside base models on the worked solutions of 3-digit addition (issue 19): which tokens do the slow MLA
+bases get wrong, where do their heads look when they must fetch a digit, and which parameters move the policy
+most in one GRPO update.
+
+    python -m benchmarks.mla_probe --model "MHA good=/tmp/run/pretrain_last" --model "MLA weak=..." [--out DIR]
+                                   [--grpo]
+
+Each --model is GROUP=CHECKPOINT (a checkpoint path without .npz); a group may repeat, and the tables average
+over its checkpoints after listing each one. Three measurements, on the held-out worked solutions the
+held-out loss of `benchmarks.mla_rl` uses (256 test problems, seed 12345, `mix={"worked": 1}`):
+
+1. roles    next-token loss per token *role*. Every completion token of a worked solution gets a role from the
+            task's own rendering (`AdditionTask._columns`, then the text `AdditionTask._write` makes of them):
+                <think> 7+9=16 4+8+1=13 3+5+1=9 </think><answer>936</answer><eos>
+            "a digit"/"b digit" (the column's operand digits, copied from the prompt), "+", "carry? (+ or =)"
+            (the token after b: "+" when a carry comes in, "=" when not), "carry 1" and "= after +1" (the rest of
+            "+1="), "sum digit 1"/"sum digit 2" (the column sum), "space"/"</think>" (after a column), and in the
+            answer "answer digit", each by the column whose sum it is read from; the operand and answer digits
+            are also split by column (col 0 = units).
+2. lookup   attention mass on the one token a digit must be copied from: for an operand digit, its place in the
+            prompt; for an answer digit, the matching sum digit in <think>. Per layer and head, at the query that
+            predicts the digit (the token before it). For MLA, each score q·k/√d is the sum of a content part
+            q_nope·k_nope/√d and a position part q_pe·k_pe/√d (the decoupled RoPE key); at the head that looks
+            up most, the spread of each part across the visible keys and its share of the source's lead over
+            the other keys. Figures: attention maps of one worked example (DIR/attention_<name>.png).
+3. --grpo   one GRPO step's update (rollout, rewards, advantages, policy_update, as minimoe.rl does it) from
+            each checkpoint, then that update applied to one parameter group at a time (groups of
+            benchmarks.mla_rl.parameter_group): KL(π_old ‖ π_new) per response token on the rollout's tokens.
+
+CPU only (NumPy), a few seconds per model for 1 and 2; --grpo adds ~10 s per model. Run with
+OPENBLAS_NUM_THREADS=1.
+"""
+
+import argparse
+import os
+from collections import defaultdict
+
+import numpy as np
+
+from minimoe import functional as F
+from minimoe.autograd import no_grad
+from minimoe.checkpoint import load_checkpoint
+from minimoe.rewards import ANSWER, ANSWER_END, EOS, THINK, THINK_END
+from minimoe.tasks import AdditionTask, Tokenizer, build_corpus
+from minimoe.testing import to_numpy
+from minimoe.train import IGNORE, lm_batch
+
+HELDOUT_SEED, HELDOUT_PROBLEMS = 12345, 256  # minimoe.train.heldout_loss's batch, worked solutions only
+COLUMN_ROLES = ("a digit", "b digit", "carry? (+ or =)", "sum digit 1", "answer digit")  # also split by column
+OFFSETS = (0, 1, 2, 3)  # keys at and after the source through which a head may read it (lookup_mass)
+ROLES = ("<think>", "a digit", "+", "b digit", "carry? (+ or =)", "carry 1", "= after +1", "sum digit 1",
+         "sum digit 2", "space", "</think>", "<answer>", "answer digit", "</answer>", "<eos>")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Roles of the tokens of a worked solution
+
+
+def label_worked(task, problem, tokenizer):
+    """The completion of `problem`'s worked solution, token by token: (tokens, roles, columns, sources).
+
+    roles   -- the role of each completion token (one of ROLES)
+    columns -- the column (0 = units) a column token belongs to or an answer digit is read from; -1 if none
+    sources -- for a copied digit, the position in the whole sequence "<bos>" + prompt + completion of the token
+               it is copied from (operand digit: the prompt; answer digit: the sum digit in <think>); -1 if none
+    The pieces follow AdditionTask._write exactly, and the joined text is checked against task.solution."""
+    digits = task.digits
+    prompt_length = len(tokenizer.encode("<bos>" + problem.prompt))  # "<bos>" a_(D-1)…a_0 "+" b_(D-1)…b_0 "="
+    pieces = [(THINK, "<think>", -1, -1)]  # (text, role, column, source)
+    columns = task._columns(problem)  # (x, y, carry_in, sum) per column, units first
+    sum_positions = []  # per column: the sequence positions of its sum digits
+    for column, (x, y, carry, total) in enumerate(columns):
+        if column:
+            pieces.append((" ", "space", -1, -1))
+        pieces += [(x, "a digit", column, digits - column), ("+", "+", -1, -1),
+                   (y, "b digit", column, 2 * digits + 1 - column)]
+        pieces += [("+", "carry? (+ or =)", column, -1), ("1", "carry 1", -1, -1), ("=", "= after +1", -1, -1)] \
+            if carry else [("=", "carry? (+ or =)", column, -1)]
+        start = prompt_length + len(pieces)  # every piece so far is one token
+        sum_positions.append([start + i for i in range(len(str(total)))])
+        pieces += [(digit, f"sum digit {i + 1}", column, -1) for i, digit in enumerate(str(total))]
+    pieces += [(THINK_END, "</think>", -1, -1), (ANSWER, "<answer>", -1, -1)]
+    last = len(columns) - 1  # the answer: the last column's whole sum, then the other columns' units digits
+    pieces += [(digit, "answer digit", last, sum_positions[last][i]) for i, digit in enumerate(str(columns[-1][3]))]
+    pieces += [(str(columns[c][3] % 10), "answer digit", c, sum_positions[c][-1]) for c in reversed(range(last))]
+    pieces += [(ANSWER_END, "</answer>", -1, -1), (EOS, "<eos>", -1, -1)]
+    text = "".join(p[0] for p in pieces)
+    if text != task.solution(problem, "worked") + EOS:
+        raise AssertionError(f"label_worked: the pieces {text!r} differ from the task's {task.solution(problem)!r}")
+    tokens = tokenizer.encode(text)
+    if len(tokens) != len(pieces):
+        raise AssertionError(f"label_worked: {len(pieces)} pieces but {len(tokens)} tokens in {text!r}")
+    return tokens, [p[1] for p in pieces], [p[2] for p in pieces], [p[3] for p in pieces]
+
+
+def heldout_worked(task, tokenizer, n=HELDOUT_PROBLEMS, seed=HELDOUT_SEED):
+    """The held-out worked solutions and their labels, aligned with lm_batch's inputs and targets:
+    {"inputs" (N, T-1), "targets" (N, T-1), "ids" (N, T), "problems", "role" (N, T-1) index into ROLES of the
+    *target* token (-1: prompt or padding), "column" (N, T-1), "source" (N, T-1) sequence position the target
+    is copied from (-1: none)}."""
+    corpus = build_corpus(task, n, np.random.default_rng(seed), {"worked": 1.0}, split="test")
+    inputs, targets = (to_numpy(a) for a in lm_batch(corpus, tokenizer))
+    ids = np.concatenate([inputs, np.where(targets[:, -1:] == IGNORE, tokenizer.pad_id, targets[:, -1:])], axis=1)
+    role, column, source = (np.full(ids.shape, -1, dtype=np.int64) for _ in range(3))
+    for row, problem in enumerate(corpus.problems):  # labelling only: a few dozen tokens per problem
+        tokens, roles, columns, sources = label_worked(task, problem, tokenizer)
+        start = len(tokenizer.encode(corpus.prompts[row]))
+        if list(ids[row, start:start + len(tokens)]) != tokens:
+            raise AssertionError(f"heldout_worked: row {row}'s tokens differ from the labelled solution")
+        role[row, start:start + len(tokens)] = [ROLES.index(r) for r in roles]
+        column[row, start:start + len(tokens)] = columns
+        source[row, start:start + len(tokens)] = sources
+    return {"inputs": inputs, "targets": targets, "ids": ids, "problems": corpus.problems,
+            "role": role[:, 1:], "column": column[:, 1:], "source": source[:, 1:]}
+
+
+def role_keys(data, digits):
+    """(name, (N, T-1) bool mask) for every role, then the column roles split by column."""
+    keys = [(name, data["role"] == i) for i, name in enumerate(ROLES)]
+    for name in COLUMN_ROLES:
+        keys += [(f"{name} · col {c}", (data["role"] == ROLES.index(name)) & (data["column"] == c))
+                 for c in range(digits)]
+    return [(name, mask) for name, mask in keys if mask.any()]
+
+
+def token_losses(logits, targets):
+    """-log p(target) per position (N, T-1), 0 where the target is IGNORE."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # (N, T-1, V)
+    picked = np.take_along_axis(log_probs, np.maximum(targets, 0)[..., None], axis=-1)[..., 0]  # (N, T-1)
+    return np.where(targets == IGNORE, 0.0, -picked)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Inside the attention layers
+
+
+def attention_parts(attn, h):
+    """The attention weights of one MHA or MLA layer on its input h (B, T, dim) (the attention norm's output),
+    computed from the layer's own sublayers the way its forward does: a dict of host arrays
+        "weights"  (B, H, T, T)   softmax(score + causal mask), rows are queries
+        "values"   (B, H, T, dv)  what the weights average (per head)
+        "content"  (B, H, T, T)   MLA only: q_nope·k_nope / √(dn + dr)
+        "position" (B, H, T, T)   MLA only: q_pe·k_pe / √(dn + dr) (RoPE key shared by every head)
+    so that score = content + position for MLA."""
+    batch, tokens, _ = h.shape
+    with no_grad():
+        if type(attn).__name__ == "MHA":
+            heads = (batch, tokens, attn.n_heads, attn.head_dim)
+            q = to_numpy(attn.rope(attn.wq(h).reshape(heads)).transpose(1, 2).data)  # (B, H, T, D)
+            k = to_numpy(attn.rope(attn.wk(h).reshape(heads)).transpose(1, 2).data)
+            values = to_numpy(attn.wv(h).reshape(heads).transpose(1, 2).data)
+            parts = {"score": q @ k.swapaxes(-1, -2) * attn.softmax_scale}
+        else:
+            if attn.q_lora_rank:
+                raise NotImplementedError("attention_parts: MLA with a low-rank query (q_lora_rank > 0)")
+            q = attn.wq(h).reshape(batch, tokens, attn.n_heads, attn.qk_head_dim)
+            q_nope, q_pe = F.split(q, [attn.qk_nope_head_dim, attn.qk_rope_head_dim], axis=-1)
+            q_pe = attn.rope(q_pe)
+            c_kv, k_pe = F.split(attn.wkv_a(h), [attn.kv_lora_rank, attn.qk_rope_head_dim], axis=-1)
+            k_pe = to_numpy(attn.rope(k_pe).data)  # (B, T, dr)
+            kv = attn.wkv_b(attn.kv_norm(c_kv)).reshape(batch, tokens, attn.n_heads, -1).transpose(1, 2)
+            kv = to_numpy(kv.data)  # (B, H, T, dn + dv)
+            k_nope, values = kv[..., :attn.qk_nope_head_dim], kv[..., attn.qk_nope_head_dim:]
+            content = to_numpy(q_nope.transpose(1, 2).data) @ k_nope.swapaxes(-1, -2) * attn.softmax_scale
+            position = to_numpy(q_pe.transpose(1, 2).data) @ k_pe[:, None].swapaxes(-1, -2) * attn.softmax_scale
+            parts = {"content": content, "position": position, "score": content + position}
+    future = np.arange(tokens)[None, :] > np.arange(tokens)[:, None]  # (T, T): key after query
+    score = np.where(future, -np.inf, parts.pop("score"))
+    weights = np.exp(score - score.max(axis=-1, keepdims=True))
+    parts.update(weights=weights / weights.sum(axis=-1, keepdims=True), values=values)
+    return parts
+
+
+def trace(model, inputs):
+    """Run the model layer by layer on token ids (B, T): (logits (B, T, V), [attention_parts of each layer])."""
+    with no_grad():
+        x = model.embed(inputs)
+        layers = []
+        for layer in model.layers:
+            layers.append(attention_parts(layer.attn, layer.attn_norm(x)))
+            x = layer(x)
+        return to_numpy(model.output(x).data), layers
+
+
+def lookup_mass(layers, data, role_mask):
+    """(L, H, len(OFFSETS)) mean attention weight on the key `offset` tokens after the source, over the tokens in
+    role_mask (which must have a source), at the query that predicts them (target position t is predicted at
+    query position t). Offset 0 is the source itself; a later key can carry the source's digit when a layer-0
+    head has copied it forward, which is how several bases read the answer digits. Keys after the query: 0."""
+    rows, queries = np.nonzero(role_mask)
+    keys = data["source"][rows, queries][:, None] + np.array(OFFSETS)[None, :]  # (M, O)
+    visible = keys <= queries[:, None]
+    keys = np.minimum(keys, queries[:, None])
+    return np.stack([np.where(visible[:, None], parts["weights"][rows[:, None], :, queries[:, None], keys]
+                              .swapaxes(1, 2), 0.0).mean(axis=0) for parts in layers])  # (L, H, O)
+
+
+def best_reader(mass):
+    """(layer, head, offset) of the largest entry of lookup_mass: the head that reads the source, and through
+    which key."""
+    return tuple(int(i) for i in np.unravel_index(mass.argmax(), mass.shape))
+
+
+def score_split(parts, data, role_mask, head, offset=0):
+    """For an MLA layer's head: how the content and RoPE parts of the score shape its lookup, over the queries
+    that predict the tokens of role_mask. Over each query's visible keys (≤ the query): the standard deviation
+    of each part, the share of the score's variance each explains (Var(part)/Var(score); the two add to 1
+    minus twice their covariance's share), and the lead of the key the head reads through (`offset` tokens after
+    the source) over the mean of the other visible keys, which splits exactly into the two parts."""
+    rows, queries = np.nonzero(role_mask)
+    sources = np.minimum(data["source"][rows, queries] + offset, queries)  # the key the head reads through
+    tokens = parts["content"].shape[-1]
+    visible = np.arange(tokens)[None, :] <= queries[:, None]  # (M, T)
+    others = visible & (np.arange(tokens)[None, :] != sources[:, None])
+    out = {}
+    for name in ("content", "position"):
+        score = parts[name][rows, head, queries]  # (M, T)
+        mean = (score * visible).sum(-1) / visible.sum(-1)
+        out[f"{name} std"] = np.sqrt(((score - mean[:, None]) ** 2 * visible).sum(-1) / visible.sum(-1))
+        out[f"{name} lead"] = score[np.arange(len(rows)), sources] - (score * others).sum(-1) / others.sum(-1)
+        out[f"{name} centred"] = np.where(visible, score - mean[:, None], 0.0)
+    total_var = ((out["content centred"] + out["position centred"]) ** 2).sum(-1)
+    summary = {key: float(out[key].mean()) for key in ("content std", "position std", "content lead",
+                                                       "position lead")}
+    for name in ("content", "position"):
+        summary[f"{name} var share"] = float(((out[f"{name} centred"] ** 2).sum(-1) / total_var).mean())
+    return summary
+
+
+def probe(model, data, digits):
+    """Measurements 1 and 2 for one model: {"loss": mean over all completion tokens, "roles": {role: mean loss},
+    "lookup": {role: (L, H) attention mass on the source}, "split": {role: score_split at the MLA head that puts
+    most mass on the source}} (split empty for MHA)."""
+    model.eval()
+    logits, layers = trace(model, data["inputs"])
+    losses = token_losses(logits, data["targets"])
+    counted = data["targets"] != IGNORE
+    result = {"loss": float(losses[counted].mean()), "roles": {}, "lookup": {}, "split": {}}
+    for name, mask in role_keys(data, digits):
+        result["roles"][name] = float(losses[mask].mean())
+    for name in ("a digit", "b digit", "answer digit"):
+        for key, mask in role_keys(data, digits):
+            if not key.startswith(name):
+                continue
+            mass = lookup_mass(layers, data, mask)
+            result["lookup"][key] = mass
+            if "content" in layers[0]:
+                layer, head, offset = best_reader(mass)
+                result["split"][key] = {"layer": layer, "head": head, "offset": OFFSETS[offset],
+                                        **score_split(layers[layer], data, mask, head, OFFSETS[offset])}
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reports
+
+
+def example_attention(model, task, tokenizer, problem, path, title):
+    """Figure: every head's attention on one worked solution, queries (rows) from <think> on, all keys."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    text = "<bos>" + problem.prompt + task.solution(problem, "worked") + EOS
+    ids = np.array([tokenizer.encode(text)])
+    _, layers = trace(model.eval(), ids[:, :-1])
+    labels = [tokenizer.tokens[i].replace("<answer>", "<a>").replace("</answer>", "</a>")
+              .replace("<think>", "<t>").replace("</think>", "</t>") for i in ids[0, :-1]]
+    start = len(tokenizer.encode("<bos>" + problem.prompt)) - 1  # the query that predicts <think>
+    heads = len(layers) * layers[0]["weights"].shape[1]
+    fig, axes = plt.subplots(len(layers), heads // len(layers), figsize=(3.2 * heads // len(layers),
+                                                                         3.4 * len(layers)), squeeze=False)
+    for layer, parts in enumerate(layers):
+        for head, ax in enumerate(axes[layer]):
+            ax.imshow(parts["weights"][0, head, start:], cmap="Greys", vmin=0, vmax=1, aspect="auto")
+            ax.set_title(f"layer {layer}, head {head}", fontsize=8)
+            ax.set_xticks(range(len(labels)), labels, fontsize=4, rotation=90)
+            ax.set_yticks(range(len(labels) - start), [f"→{labels[i + 1] if i + 1 < len(labels) else '<eos>'}"
+                                                        for i in range(start, len(labels))], fontsize=4)
+    fig.suptitle(f"{title}: attention on {problem.prompt} (row: the query predicting the token after →)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def print_table(title, rows, columns, cell):
+    """A plain-text table: one row per entry of `rows`, one column per entry of `columns`."""
+    first = max(len(str(r)) for r in rows) + 2
+    width = max(16, *(len(str(c)) + 2 for c in columns))
+    print(f"\n{title}")
+    print(" " * first + "".join(f"{str(c):>{width}}" for c in columns))
+    for r in rows:
+        print(f"{str(r):<{first}}" + "".join(f"{cell(r, c):>{width}}" for c in columns))
+
+
+def report(results, groups):
+    """Print the tables of measurements 1 and 2: per group (the mean over its checkpoints), then per checkpoint."""
+    names = list(results)
+
+    def group_mean(group, pick):
+        return np.mean([pick(results[name]) for name in groups[group]], axis=0)
+
+    def loss(result, role):
+        return result["loss"] if role == "all tokens" else result["roles"][role]
+
+    roles = ["all tokens"] + list(results[names[0]]["roles"])
+    print_table("held-out worked solutions: mean next-token loss per role (group means)", roles, list(groups),
+                lambda r, g: f"{group_mean(g, lambda x: loss(x, r)):.4f}")
+    print_table("per checkpoint", roles, names, lambda r, n: f"{loss(results[n], r):.4f}")
+    lookups = [key for key in results[names[0]]["lookup"] if "col" in key]
+    print_table("attention mass on the source digit, or on a key ≤ 3 after it, at the head that reads it most: "
+                "mass [layer, head, +offset]", lookups, names,
+                lambda r, n: "{:.2f} [{},{},+{}]".format(results[n]["lookup"][r].max(),
+                                                         *best_reader(results[n]["lookup"][r])))
+    print_table("the same mass, group means", lookups, list(groups),
+                lambda r, g: f"{group_mean(g, lambda x: x['lookup'][r].max()):.2f}")
+    print_table("mass on the source digit itself (offset 0) at its best head, group means", lookups, list(groups),
+                lambda r, g: f"{group_mean(g, lambda x: x['lookup'][r][..., 0].max()):.2f}")
+    split_columns = ["content std", "position std", "content lead", "position lead", "content var share",
+                     "position var share"]
+    for group, members in groups.items():
+        if not all(results[name]["split"] for name in members):
+            continue
+        print_table(f"MLA score split at the reading head (content: q_nope·k_nope, position: q_pe·k_pe, both "
+                    f"/√d), {group}, mean over its checkpoints", lookups, split_columns,
+                    lambda r, c: f"{group_mean(group, lambda x: x['split'][r][c]):.2f}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Which parameters move the policy in one GRPO update
+
+
+def policy_kl(old_logits, new_logits, mask):
+    """KL(π_old ‖ π_new) per masked position, summed over the whole vocabulary, averaged over the mask."""
+    def log_softmax(z):
+        z = z - z.max(axis=-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    old, new = log_softmax(old_logits), log_softmax(new_logits)
+    kl = (np.exp(old) * (old - new)).sum(axis=-1)  # (B, L-1)
+    return float((kl * mask).sum() / mask.sum())
+
+
+def grpo_step_shift(model, task, tokenizer, config, seed=0):
+    """One GRPO update from `model` (a copy is changed, not `model`): the rollout, rewards, advantages and
+    policy_update of minimoe.rl.train_grpo's first step, at the full learning rate config.lr (no warm-up).
+    Returns {"accuracy": of the rollout, "kl": {group: KL(π_old ‖ π_new) per response token when only that
+    parameter group's part of the update is applied; "all": the whole update}, "update_norm": {group: ‖Δθ‖}}."""
+    from benchmarks.mla_rl import parameter_group
+    from minimoe.backend import manual_seed
+    from minimoe.optim import AdamW, WarmupCosine
+    from minimoe.rl import compute_rewards, group_advantages, policy_update, rollout, token_logprobs
+
+    policy = type(model)(model.config)
+    policy.load_state_dict(model.state_dict())
+    policy.eval()
+    manual_seed(seed)
+    responses = rollout(policy, task, tokenizer, config, np.random.default_rng(seed))
+    scores, rewards = compute_rewards(task, responses, config)
+    advantages = group_advantages(rewards, config.scale_rewards).reshape(-1)  # (B,)
+    optimizer = AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = WarmupCosine(optimizer, 0, config.steps, min_lr=config.min_lr)
+    before = {name: p.data.copy() for name, p in policy.named_parameters()}
+    update = policy_update(policy, optimizer, scheduler, None, responses, advantages, tokenizer, config)
+    delta = {name: p.data - before[name] for name, p in policy.named_parameters()}
+    mask = to_numpy(update["mask"])
+    width = mask.shape[1] + 1
+    tokens = responses.tokens[:, :width]
+
+    def logits_with(part):
+        """Logits on the rollout's tokens with only `part` ({name: row mask or None for all}) of Δθ applied."""
+        for name, p in policy.named_parameters():
+            rows = part.get(name, False)
+            p.data[...] = before[name] + (delta[name] if rows is None else delta[name] * rows)
+        with no_grad():
+            return to_numpy(token_logprobs(policy, tokens)[1])
+
+    old = logits_with({})
+    parts = defaultdict(dict)
+    for name, value in delta.items():
+        parts[parameter_group(name)][name] = None
+        if name.endswith("attn.wkv_a.weight"):  # its rows make the latent c_kv, then the RoPE key k_pe
+            rope_rows = (np.arange(value.shape[0]) >= model.config.kv_lora_rank)[:, None]
+            parts["attn.wkv_a: latent rows"][name] = ~rope_rows
+            parts["attn.wkv_a: RoPE-key rows"][name] = rope_rows
+    kl = {group: policy_kl(old, logits_with(part), mask) for group, part in sorted(parts.items())}
+    kl["all"] = policy_kl(old, logits_with(dict.fromkeys(delta)), mask)
+    norms = {group: float(np.sqrt(sum(((delta[n] if rows is None else delta[n] * rows) ** 2).sum()
+                                      for n, rows in part.items()))) for group, part in parts.items()}
+    return {"accuracy": float(scores["accuracy"].mean()), "kl": kl, "update_norm": norms}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", required=True, metavar="GROUP=CHECKPOINT",
+                        help="a checkpoint (path without .npz) and the group it belongs to; repeat")
+    parser.add_argument("--out", help="folder for the attention figures (one per group, its first checkpoint)")
+    parser.add_argument("--grpo", action="store_true", help="also measure 3: the policy shift of one GRPO update")
+    parser.add_argument("--grpo-seeds", type=int, default=3, help="rollouts (each from the base) to average over")
+    args = parser.parse_args()
+    task, tokenizer = AdditionTask(3), Tokenizer()
+    data = heldout_worked(task, tokenizer)
+    groups, results, models = defaultdict(list), {}, {}
+    for entry in args.model:
+        group, _, path = entry.partition("=")
+        if not path:
+            parser.error(f"--model {entry!r}: expected GROUP=CHECKPOINT")
+        name = f"{group}: {os.path.basename(os.path.dirname(path)) or path}"
+        models[name] = load_checkpoint(path, restore_random_state=False)[0]
+        results[name] = probe(models[name], data, task.digits)
+        groups[group].append(name)
+    report(results, groups)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        problem = task.problem(478, 356)  # a carry into every column: the answer reads back 8+6=14, 7+5+1=13, 4+3+1=8
+        for group, names in groups.items():
+            path = os.path.join(args.out, "attention_" + "".join(c if c.isalnum() else "_" for c in group) + ".png")
+            example_attention(models[names[0]], task, tokenizer, problem, path, names[0])
+            print(f"wrote {path}")
+    if args.grpo:
+        from minimoe.rl import GRPOConfig
+        shifts = {}
+        for name, model in models.items():  # the mean over args.grpo_seeds rollouts
+            runs = [grpo_step_shift(model, task, tokenizer, GRPOConfig(), seed) for seed in range(args.grpo_seeds)]
+            shifts[name] = {key: {g: float(np.mean([run[key][g] for run in runs])) for g in runs[0][key]}
+                            for key in ("kl", "update_norm")}
+            shifts[name]["accuracy"] = float(np.mean([run["accuracy"] for run in runs]))
+        rows = sorted({group for shift in shifts.values() for group in shift["update_norm"]}) + ["all"]
+        print_table(f"one GRPO update (lr 1e-3, 16 prompts × 8, mean of {args.grpo_seeds} rollouts): "
+                    "KL(π_old ‖ π_new) per response token, applying one parameter group's part of the update alone",
+                    rows, list(shifts),
+                    lambda r, n: f"{shifts[n]['kl'].get(r, float('nan')):.5f}")
+        print_table("  ... and the norm of that part of the update", rows[:-1], list(shifts),
+                    lambda r, n: f"{shifts[n]['update_norm'].get(r, float('nan')):.4f}")
+        print_table("  rollout accuracy", ["accuracy"], list(shifts), lambda r, n: f"{shifts[n]['accuracy']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
