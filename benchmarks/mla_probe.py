@@ -228,15 +228,39 @@ def score_split(parts, data, role_mask, head, offset=0):
     return summary
 
 
-def probe(model, data, digits):
+def edited_source(model, data, role_mask, tokenizer, shift=5):
+    """Does the model copy the source digit? Replace every source digit of role_mask's tokens by (digit + shift)
+    mod 10 in the input and read the prediction at the same queries: mean probability of the edited digit (a
+    copy follows it), of its two "neighbours" (edited ± 1) mod 10, and of the original digit (a model that
+    recomputes the answer from elsewhere keeps it)."""
+    rows, queries = np.nonzero(role_mask)
+    sources = data["source"][rows, queries]
+    zero = tokenizer.token_to_id["0"]
+    inputs = data["inputs"].copy()
+    original = inputs[rows, sources] - zero
+    edited = (original + shift) % 10
+    inputs[rows, sources] = edited + zero
+    with no_grad():
+        logits = to_numpy(model(inputs).data)[rows, queries]  # (M, V)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs = probs / probs.sum(axis=-1, keepdims=True)
+
+    def mean_probability(*digit_sets):
+        return float(sum(probs[np.arange(len(rows)), digits + zero] for digits in digit_sets).mean())
+
+    return {"edited": mean_probability(edited), "true": mean_probability(original),
+            "neighbours": mean_probability((edited + 1) % 10, (edited - 1) % 10)}
+
+
+def probe(model, data, digits, tokenizer):
     """Measurements 1 and 2 for one model: {"loss": mean over all completion tokens, "roles": {role: mean loss},
-    "lookup": {role: (L, H) attention mass on the source}, "split": {role: score_split at the MLA head that puts
-    most mass on the source}} (split empty for MHA)."""
+    "lookup": {role: (L, H, offsets) attention mass on the source}, "split": {role: score_split at the MLA head
+    that puts most mass on the source} (empty for MHA), "edit": {answer digit role: edited_source}}."""
     model.eval()
     logits, layers = trace(model, data["inputs"])
     losses = token_losses(logits, data["targets"])
     counted = data["targets"] != IGNORE
-    result = {"loss": float(losses[counted].mean()), "roles": {}, "lookup": {}, "split": {}}
+    result = {"loss": float(losses[counted].mean()), "roles": {}, "lookup": {}, "split": {}, "edit": {}}
     for name, mask in role_keys(data, digits):
         result["roles"][name] = float(losses[mask].mean())
     for name in ("a digit", "b digit", "answer digit"):
@@ -245,6 +269,9 @@ def probe(model, data, digits):
                 continue
             mass = lookup_mass(layers, data, mask)
             result["lookup"][key] = mass
+            if key.startswith("answer digit ·") and not key.endswith(f"col {digits - 1}"):  # (the last column's
+                # sum may be two digits, and "1x" edited to "6x" is no sum at all)
+                result["edit"][key] = edited_source(model, data, mask, tokenizer)
             if "content" in layers[0]:
                 layer, head, offset = best_reader(mass)
                 result["split"][key] = {"layer": layer, "head": head, "offset": OFFSETS[offset],
@@ -317,6 +344,10 @@ def report(results, groups):
                 lambda r, g: f"{group_mean(g, lambda x: x['lookup'][r].max()):.2f}")
     print_table("mass on the source digit itself (offset 0) at its best head, group means", lookups, list(groups),
                 lambda r, g: f"{group_mean(g, lambda x: x['lookup'][r][..., 0].max()):.2f}")
+    edits = list(results[names[0]]["edit"])
+    print_table("the source sum digit in <think> edited to (digit + 5) mod 10: the answer's probability of the "
+                "edited digit / of the digits next to it / of the original digit", edits, names,
+                lambda r, n: "{edited:.2f} / {neighbours:.2f} / {true:.2f}".format(**results[n]["edit"][r]))
     split_columns = ["content std", "position std", "content lead", "position lead", "content var share",
                      "position var share"]
     for group, members in groups.items():
@@ -405,9 +436,10 @@ def main():
         group, _, path = entry.partition("=")
         if not path:
             parser.error(f"--model {entry!r}: expected GROUP=CHECKPOINT")
-        name = f"{group}: {os.path.basename(os.path.dirname(path)) or path}"
+        run = os.path.basename(path) if os.path.basename(path) != "pretrain_last" else os.path.dirname(path)
+        name = f"{group}: {os.path.basename(run)}"  # the run folder of a pretrain_last, else the file
         models[name] = load_checkpoint(path, restore_random_state=False)[0]
-        results[name] = probe(models[name], data, task.digits)
+        results[name] = probe(models[name], data, task.digits, tokenizer)
         groups[group].append(name)
     report(results, groups)
     if args.out:
