@@ -252,15 +252,29 @@ def edited_source(model, data, role_mask, tokenizer, shift=5):
             "neighbours": mean_probability((edited + 1) % 10, (edited - 1) % 10)}
 
 
+def misses(logits, data, role_mask, tokenizer):
+    """How the most likely digit goes wrong on role_mask's tokens: {"wrong": share of tokens whose argmax is not
+    the target, "beside": share of those wrong ones that are the target ± 1 (mod 10; 2 in 9 by chance)}."""
+    rows, queries = np.nonzero(role_mask)
+    zero = tokenizer.token_to_id["0"]
+    predicted = logits[rows, queries, zero:zero + 10].argmax(axis=-1)  # the best digit
+    target = data["targets"][rows, queries] - zero
+    wrong = predicted != target
+    beside = np.isin((predicted - target) % 10, (1, 9))
+    return {"wrong": float(wrong.mean()), "beside": float(beside[wrong].mean()) if wrong.any() else float("nan")}
+
+
 def probe(model, data, digits, tokenizer):
     """Measurements 1 and 2 for one model: {"loss": mean over all completion tokens, "roles": {role: mean loss},
     "lookup": {role: (L, H, offsets) attention mass on the source}, "split": {role: score_split at the MLA head
-    that puts most mass on the source} (empty for MHA), "edit": {answer digit role: edited_source}}."""
+    that puts most mass on the source} (empty for MHA), "edit" and "misses": {answer digit role: edited_source,
+    misses}} (the answer digits of every column but the last)."""
     model.eval()
     logits, layers = trace(model, data["inputs"])
     losses = token_losses(logits, data["targets"])
     counted = data["targets"] != IGNORE
-    result = {"loss": float(losses[counted].mean()), "roles": {}, "lookup": {}, "split": {}, "edit": {}}
+    result = {"loss": float(losses[counted].mean()), "roles": {}, "lookup": {}, "split": {}, "edit": {},
+              "misses": {}}
     for name, mask in role_keys(data, digits):
         result["roles"][name] = float(losses[mask].mean())
     for name in ("a digit", "b digit", "answer digit"):
@@ -272,6 +286,7 @@ def probe(model, data, digits, tokenizer):
             if key.startswith("answer digit ·") and not key.endswith(f"col {digits - 1}"):  # (the last column's
                 # sum may be two digits, and "1x" edited to "6x" is no sum at all)
                 result["edit"][key] = edited_source(model, data, mask, tokenizer)
+                result["misses"][key] = misses(logits, data, mask, tokenizer)
             if "content" in layers[0]:
                 layer, head, offset = best_reader(mass)
                 result["split"][key] = {"layer": layer, "head": head, "offset": OFFSETS[offset],
@@ -348,6 +363,14 @@ def report(results, groups):
     print_table("the source sum digit in <think> edited to (digit + 5) mod 10: the answer's probability of the "
                 "edited digit / of the digits next to it / of the original digit", edits, names,
                 lambda r, n: "{edited:.2f} / {neighbours:.2f} / {true:.2f}".format(**results[n]["edit"][r]))
+    print_table("the answer digit's most likely value: share wrong / share of those that are the right digit ± 1",
+                edits, names, lambda r, n: "{wrong:.3f} / {beside:.2f}".format_map(results[n]["misses"][r]))
+    read_back = [(np.log(result["roles"][role]), result["lookup"][role].max())
+                 for result in results.values() for role in edits]
+    if len(read_back) > 2:
+        correlation = np.corrcoef(np.array(read_back).T)[0, 1]
+        print(f"\nover these {len(results)} checkpoints × {len(edits)} columns: correlation of log(read-back loss) "
+              f"and the best head's mass on the source (or ≤ 3 after it): {correlation:.2f}")
     split_columns = ["content std", "position std", "content lead", "position lead", "content var share",
                      "position var share"]
     for group, members in groups.items():
