@@ -6,7 +6,8 @@ most in one GRPO update.
                                    [--grpo]
 
 Each --model is GROUP=CHECKPOINT (a checkpoint path without .npz); a group may repeat, and the tables average
-over its checkpoints after listing each one. Three measurements, on the held-out worked solutions the
+over its checkpoints after listing each one. Any checkpoint will do: a run's `pretrain_last.prev` (its previous
+save) shows what the run learned last. Three measurements, on the held-out worked solutions the
 held-out loss of `benchmarks.mla_rl` uses (256 test problems, seed 12345, `mix={"worked": 1}`):
 
 1. roles    next-token loss per token *role*. Every completion token of a worked solution gets a role from the
@@ -25,7 +26,10 @@ held-out loss of `benchmarks.mla_rl` uses (256 test problems, seed 12345, `mix={
             the other keys. Figures: attention maps of one worked example (DIR/attention_<name>.png).
 3. --grpo   one GRPO step's update (rollout, rewards, advantages, policy_update, as minimoe.rl does it) from
             each checkpoint, then that update applied to one parameter group at a time (groups of
-            benchmarks.mla_rl.parameter_group): KL(π_old ‖ π_new) per response token on the rollout's tokens.
+            benchmarks.mla_rl.parameter_group; MLA's wkv_a also split into its latent rows and its RoPE-key rows;
+            all attention groups together; all the rest): KL(π_old ‖ π_new) per response token on the rollout's
+            tokens, exact over the vocabulary. A first AdamW step moves every weight by ±lr (m/√v = g/|g|), so a
+            group's update norm is lr·√(its size), and KL/norm² compares how far equal steps move the policy.
 
 CPU only (NumPy), a few seconds per model for 1 and 2; --grpo adds ~10 s per model. Run with
 OPENBLAS_NUM_THREADS=1.
@@ -437,6 +441,9 @@ def grpo_step_shift(model, task, tokenizer, config, seed=0):
             rope_rows = (np.arange(value.shape[0]) >= model.config.kv_lora_rank)[:, None]
             parts["attn.wkv_a: latent rows"][name] = ~rope_rows
             parts["attn.wkv_a: RoPE-key rows"][name] = rope_rows
+    attention = {name for name in delta if parameter_group(name).startswith("attn.")}
+    parts["attention, all of it"] = dict.fromkeys(attention)
+    parts["all but attention"] = dict.fromkeys(set(delta) - attention)
     kl = {group: policy_kl(old, logits_with(part), mask) for group, part in sorted(parts.items())}
     kl["all"] = policy_kl(old, logits_with(dict.fromkeys(delta)), mask)
     norms = {group: float(np.sqrt(sum(((delta[n] if rows is None else delta[n] * rows) ** 2).sum()
@@ -459,8 +466,9 @@ def main():
         group, _, path = entry.partition("=")
         if not path:
             parser.error(f"--model {entry!r}: expected GROUP=CHECKPOINT")
-        run = os.path.basename(path) if os.path.basename(path) != "pretrain_last" else os.path.dirname(path)
-        name = f"{group}: {os.path.basename(run)}"  # the run folder of a pretrain_last, else the file
+        folder, file = os.path.split(os.path.normpath(path))
+        run = os.path.basename(folder) + ("" if file == "pretrain_last" else "/" + file)
+        name = f"{group}: {run}"  # the run folder, and the file unless it is the run's last pretraining checkpoint
         models[name] = load_checkpoint(path, restore_random_state=False)[0]
         results[name] = probe(models[name], data, task.digits, tokenizer)
         groups[group].append(name)
@@ -487,6 +495,9 @@ def main():
                     lambda r, n: f"{shifts[n]['kl'].get(r, float('nan')):.5f}")
         print_table("  ... and the norm of that part of the update", rows[:-1], list(shifts),
                     lambda r, n: f"{shifts[n]['update_norm'].get(r, float('nan')):.4f}")
+        print_table("  ... and KL / norm²: how far a unit of update moves the policy (KL grows as the square of a "
+                    "small step)", rows[:-1], list(shifts),
+                    lambda r, n: f"{shifts[n]['kl'].get(r, np.nan) / shifts[n]['update_norm'].get(r, np.nan) ** 2:.3f}")
         print_table("  rollout accuracy", ["accuracy"], list(shifts), lambda r, n: f"{shifts[n]['accuracy']:.3f}")
 
 
