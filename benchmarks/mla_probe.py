@@ -7,17 +7,18 @@ most in one GRPO update.
 
 Each --model is GROUP=CHECKPOINT (a checkpoint path without .npz); a group may repeat, and the tables average
 over its checkpoints after listing each one. Any checkpoint will do: a run's `pretrain_last.prev` (its previous
-save) shows what the run learned last. Three measurements, on the held-out worked solutions the
-held-out loss of `benchmarks.mla_rl` uses (256 test problems, seed 12345, `mix={"worked": 1}`):
+save) shows what the run learned last. Three measurements, on the held-out worked solutions behind the "loss:
+worked" of lesson 08's table (minimoe.train.heldout_loss with `mix={"worked": 1}`: 256 test problems, seed 12345):
 
 1. roles    next-token loss per token *role*. Every completion token of a worked solution gets a role from the
             task's own rendering (`AdditionTask._columns`, then the text `AdditionTask._write` makes of them):
-                <think> 7+9=16 4+8+1=13 3+5+1=9 </think><answer>936</answer><eos>
+                <think>7+9=16 4+8+1=13 3+5+1=9</think><answer>936</answer><eos>
             "a digit"/"b digit" (the column's operand digits, copied from the prompt), "+", "carry? (+ or =)"
             (the token after b: "+" when a carry comes in, "=" when not), "carry 1" and "= after +1" (the rest of
             "+1="), "sum digit 1"/"sum digit 2" (the column sum), "space"/"</think>" (after a column), and in the
             answer "answer digit", each by the column whose sum it is read from; the operand and answer digits
-            are also split by column (col 0 = units).
+            are also split by column (col 0 = units). For the answer digits also: does the answer follow an
+            edit of the sum digit in <think> (edited_source), and how far off are its wrong digits (misses).
 2. lookup   attention mass on the one token a digit must be copied from: for an operand digit, its place in the
             prompt; for an answer digit, the matching sum digit in <think>. Per layer and head, at the query that
             predicts the digit (the token before it). For MLA, each score q·k/√d is the sum of a content part

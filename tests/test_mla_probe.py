@@ -1,17 +1,22 @@
 """benchmarks/mla_probe.py (issue 19): the token roles of a worked solution, the attention weights rebuilt from a
 layer's pieces (with MLA's score split into its content and RoPE parts), the per-role losses and the policy KL."""
 
+import os
+
 import numpy as np
 import pytest
 from scipy.special import rel_entr
 
 import minimoe
-from benchmarks.mla_probe import (ROLES, attention_parts, heldout_worked, label_worked, lookup_mass, policy_kl,
-                                  token_losses, trace)
+from benchmarks.mla_probe import (ROLES, attention_parts, edited_source, heldout_worked, label_worked,
+                                  lookup_mass, misses, policy_kl, token_losses, trace)
+from minimoe.checkpoint import load_checkpoint
 from minimoe import functional as F
 from minimoe.model import ModelConfig, Transformer
 from minimoe.tasks import AdditionTask, Tokenizer
 from minimoe.train import IGNORE
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lessons", "data")
 
 
 def tiny_model(attention):
@@ -124,3 +129,29 @@ def test_policy_kl_is_the_kl_of_the_softmaxes():
     expected = (rel_entr(p, q).sum(-1) * mask).sum() / mask.sum()
     assert policy_kl(old, new, mask) == pytest.approx(expected, rel=1e-12)
     assert policy_kl(old, old + 3.0, mask) == pytest.approx(0.0, abs=1e-12)  # a shift of every logit: same policy
+
+
+def test_the_committed_good_mla_base_copies_its_answer_from_the_worked_solution():
+    """Lesson 08's good base writes the units digit of the answer by copying the units sum from <think>: edit that
+    sum and the answer follows the edit, not the true sum."""
+    model = load_checkpoint(os.path.join(DATA, "mla_base_good"), restore_random_state=False)[0].eval()
+    tokenizer = Tokenizer()
+    data = heldout_worked(AdditionTask(3), tokenizer, n=32)
+    units = (data["role"] == ROLES.index("answer digit")) & (data["column"] == 0)
+    found = edited_source(model, data, units, tokenizer)
+    assert found["edited"] > 0.9 and found["true"] < 0.05
+
+
+def test_misses_counts_wrong_digits_and_those_next_to_the_target():
+    tokenizer = Tokenizer()
+    data = heldout_worked(AdditionTask(3), tokenizer, n=4)
+    mask = data["role"] == ROLES.index("answer digit")
+    rows, queries = np.nonzero(mask)
+    zero = tokenizer.token_to_id["0"]
+    target = data["targets"][rows, queries] - zero
+    guess = target.copy()
+    guess[0], guess[1], guess[2] = (target[0] + 9) % 10, (target[1] + 5) % 10, (target[2] + 1) % 10  # -1, far, +1
+    logits = np.zeros(data["targets"].shape + (tokenizer.vocab_size,))
+    logits[rows, queries, guess + zero] = 1.0
+    found = misses(logits, data, mask, tokenizer)
+    assert found == {"wrong": pytest.approx(3 / len(rows)), "beside": pytest.approx(2 / 3)}
