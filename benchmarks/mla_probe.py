@@ -23,8 +23,9 @@ worked" of lesson 08's table (minimoe.train.heldout_loss with `mix={"worked": 1}
             prompt; for an answer digit, the matching sum digit in <think>. Per layer and head, at the query that
             predicts the digit (the token before it). For MLA, each score q·k/√d is the sum of a content part
             q_nope·k_nope/√d and a position part q_pe·k_pe/√d (the decoupled RoPE key); at the head that looks
-            up most, the spread of each part across the visible keys and its share of the source's lead over
-            the other keys. Figures: attention maps of one worked example (DIR/attention_<name>.png).
+            up most, the spread of each part across the visible keys, its share of the source's lead over the
+            other keys, and the role's loss when that head attends by one part alone (the other made the same
+            for every key). Figures: attention maps of one worked example (DIR/attention_<name>.png).
 3. --grpo   one GRPO step's update (rollout, rewards, advantages, policy_update, as minimoe.rl does it) from
             each checkpoint, then that update applied to one parameter group at a time (groups of
             benchmarks.mla_rl.parameter_group; MLA's wkv_a also split into its latent rows and its RoPE-key rows;
@@ -43,7 +44,7 @@ from collections import defaultdict
 import numpy as np
 
 from minimoe import functional as F
-from minimoe.autograd import no_grad
+from minimoe.autograd import Tensor, no_grad
 from minimoe.checkpoint import load_checkpoint
 from minimoe.rewards import ANSWER, ANSWER_END, EOS, THINK, THINK_END
 from minimoe.tasks import AdditionTask, Tokenizer, build_corpus
@@ -170,21 +171,38 @@ def attention_parts(attn, h):
             content = to_numpy(q_nope.transpose(1, 2).data) @ k_nope.swapaxes(-1, -2) * attn.softmax_scale
             position = to_numpy(q_pe.transpose(1, 2).data) @ k_pe[:, None].swapaxes(-1, -2) * attn.softmax_scale
             parts = {"content": content, "position": position, "score": content + position}
-    future = np.arange(tokens)[None, :] > np.arange(tokens)[:, None]  # (T, T): key after query
-    score = np.where(future, -np.inf, parts.pop("score"))
-    weights = np.exp(score - score.max(axis=-1, keepdims=True))
-    parts.update(weights=weights / weights.sum(axis=-1, keepdims=True), values=values)
+    parts.update(weights=causal_softmax(parts.pop("score")), values=values)
     return parts
 
 
-def trace(model, inputs):
-    """Run the model layer by layer on token ids (B, T): (logits (B, T, V), [attention_parts of each layer])."""
+def causal_softmax(score):
+    """softmax over the last axis of score (..., T, T) with the keys after each query masked out."""
+    tokens = score.shape[-1]
+    score = np.where(np.arange(tokens)[None, :] > np.arange(tokens)[:, None], -np.inf, score)
+    weights = np.exp(score - score.max(axis=-1, keepdims=True))
+    return weights / weights.sum(axis=-1, keepdims=True)
+
+
+def trace(model, inputs, only=None):
+    """Run the model layer by layer on token ids (B, T): (logits (B, T, V), [attention_parts of each layer]).
+
+    only=(layer, head, part), part "content" or "position" (MLA): that head attends with softmax(part + mask)
+    alone, as if the other part were the same for every key, and the model runs on from there."""
     with no_grad():
         x = model.embed(inputs)
         layers = []
-        for layer in model.layers:
+        for index, layer in enumerate(model.layers):
             layers.append(attention_parts(layer.attn, layer.attn_norm(x)))
-            x = layer(x)
+            if only is None or only[0] != index:
+                x = layer(x)
+                continue
+            _, head, part = only
+            weights = layers[-1]["weights"].copy()
+            weights[:, head] = causal_softmax(layers[-1][part][:, head])
+            batch, heads, tokens, _ = weights.shape
+            attended = (weights @ layers[-1]["values"]).transpose(0, 2, 1, 3).reshape(batch, tokens, -1)
+            x = x + layer.attn.wo(Tensor(attended.astype(layers[-1]["values"].dtype)))  # Block.forward, by hand
+            x = x + layer.ffn(layer.ffn_norm(x))
         return to_numpy(model.output(x).data), layers
 
 
@@ -269,11 +287,12 @@ def misses(logits, data, role_mask, tokenizer):
     return {"wrong": float(wrong.mean()), "beside": float(beside[wrong].mean()) if wrong.any() else float("nan")}
 
 
-def probe(model, data, digits, tokenizer):
+def probe(model, data, digits, tokenizer, ablate=False):
     """Measurements 1 and 2 for one model: {"loss": mean over all completion tokens, "roles": {role: mean loss},
     "lookup": {role: (L, H, offsets) attention mass on the source}, "split": {role: score_split at the MLA head
     that puts most mass on the source} (empty for MHA), "edit" and "misses": {answer digit role: edited_source,
-    misses}} (the answer digits of every column but the last)."""
+    misses}} (the answer digits of every column but the last). ablate: the split also holds the role's loss when the
+    reading head attends by one part alone ("loss, content only", "loss, position only"; two more passes a role)."""
     model.eval()
     logits, layers = trace(model, data["inputs"])
     losses = token_losses(logits, data["targets"])
@@ -296,6 +315,9 @@ def probe(model, data, digits, tokenizer):
                 layer, head, offset = best_reader(mass)
                 result["split"][key] = {"layer": layer, "head": head, "offset": OFFSETS[offset],
                                         **score_split(layers[layer], data, mask, head, OFFSETS[offset])}
+                for part in ("content", "position") if ablate else ():  # that head keeping one part only
+                    ablated = token_losses(trace(model, data["inputs"], (layer, head, part))[0], data["targets"])
+                    result["split"][key][f"loss, {part} only"] = float(ablated[mask].mean())
     return result
 
 
@@ -377,13 +399,13 @@ def report(results, groups):
         print(f"\nover these {len(results)} checkpoints × {len(edits)} columns: correlation of log(read-back loss) "
               f"and the best head's mass on the source (or ≤ 3 after it): {correlation:.2f}")
     split_columns = ["content std", "position std", "content lead", "position lead", "content var share",
-                     "position var share"]
+                     "position var share", "loss, content only", "loss, position only"]
     for group, members in groups.items():
         if not all(results[name]["split"] for name in members):
             continue
         print_table(f"MLA score split at the reading head (content: q_nope·k_nope, position: q_pe·k_pe, both "
                     f"/√d), {group}, mean over its checkpoints", lookups, split_columns,
-                    lambda r, c: f"{group_mean(group, lambda x: x['split'][r][c]):.2f}")
+                    lambda r, c: f"{group_mean(group, lambda x: x['split'][r].get(c, np.nan)):.2f}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -471,7 +493,7 @@ def main():
         run = os.path.basename(folder) + ("" if file == "pretrain_last" else "/" + file)
         name = f"{group}: {run}"  # the run folder, and the file unless it is the run's last pretraining checkpoint
         models[name] = load_checkpoint(path, restore_random_state=False)[0]
-        results[name] = probe(models[name], data, task.digits, tokenizer)
+        results[name] = probe(models[name], data, task.digits, tokenizer, ablate=True)
         groups[group].append(name)
     report(results, groups)
     if args.out:

@@ -155,3 +155,19 @@ def test_misses_counts_wrong_digits_and_those_next_to_the_target():
     logits[rows, queries, guess + zero] = 1.0
     found = misses(logits, data, mask, tokenizer)
     assert found == {"wrong": pytest.approx(3 / len(rows)), "beside": pytest.approx(2 / 3)}
+
+
+def test_keeping_only_the_content_part_is_exact_when_the_rope_key_is_zero(float64):
+    """With the RoPE rows of wkv_a zeroed, k_pe = 0 and every position score is 0: keeping the content part alone
+    at a head changes nothing, so trace's hand-made Block step must give the model's own logits; keeping the
+    position part alone (all zeros: uniform attention) must change them."""
+    model = tiny_model("mla")
+    for layer in model.layers:
+        layer.attn.wkv_a.weight.data[layer.attn.kv_lora_rank:] = 0.0
+    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, size=(2, 9))
+    expected = model(ids).numpy()
+    for layer in (0, 1):
+        logits, parts = trace(model, ids, only=(layer, 1, "content"))
+        assert np.abs(parts[layer]["position"]).max() == 0.0
+        np.testing.assert_allclose(logits, expected, atol=1e-12, rtol=1e-10)
+        assert np.abs(trace(model, ids, only=(layer, 1, "position"))[0] - expected).max() > 1e-6
