@@ -1,4 +1,4 @@
-"""benchmarks/mla_probe.py (issue 19): the token roles of a worked solution, the attention weights rebuilt from a
+"""minimoe.probe and benchmarks/mla_probe.py (issue 19): the token roles of a worked solution, the attention weights rebuilt from a
 layer's pieces (with MLA's score split into its content and RoPE parts), the per-role losses and the policy KL."""
 
 import os
@@ -8,8 +8,9 @@ import pytest
 from scipy.special import rel_entr
 
 import minimoe
-from benchmarks.mla_probe import (ROLES, attention_parts, edited_source, heldout_worked, label_worked,
-                                  lookup_mass, misses, policy_kl, token_losses, trace)
+from benchmarks.mla_probe import policy_kl
+from minimoe.probe import (ROLES, attention_parts, edited_source, heldout_worked, label_worked, lookup_mass, misses,
+                           token_losses, trace)
 from minimoe.checkpoint import load_checkpoint
 from minimoe import functional as F
 from minimoe.model import ModelConfig, Transformer
