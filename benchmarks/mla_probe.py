@@ -10,22 +10,11 @@ over its checkpoints after listing each one. Any checkpoint will do: a run's `pr
 save) shows what the run learned last. Three measurements, on the held-out worked solutions behind the "loss:
 worked" of lesson 08's table (minimoe.train.heldout_loss with `mix={"worked": 1}`: 256 test problems, seed 12345):
 
-1. roles    next-token loss per token *role*. Every completion token of a worked solution gets a role from the
-            task's own rendering (`AdditionTask._columns`, then the text `AdditionTask._write` makes of them):
-                <think>7+9=16 4+8+1=13 3+5+1=9</think><answer>936</answer><eos>
-            "a digit"/"b digit" (the column's operand digits, copied from the prompt), "+", "carry? (+ or =)"
-            (the token after b: "+" when a carry comes in, "=" when not), "carry 1" and "= after +1" (the rest of
-            "+1="), "sum digit 1"/"sum digit 2" (the column sum), "space"/"</think>" (after a column), and in the
-            answer "answer digit", each by the column whose sum it is read from; the operand and answer digits
-            are also split by column (col 0 = units). For the answer digits also: does the answer follow an
-            edit of the sum digit in <think> (edited_source), and how far off are its wrong digits (misses).
-2. lookup   attention mass on the one token a digit must be copied from: for an operand digit, its place in the
-            prompt; for an answer digit, the matching sum digit in <think>. Per layer and head, at the query that
-            predicts the digit (the token before it). For MLA, each score q·k/√d is the sum of a content part
-            q_nope·k_nope/√d and a position part q_pe·k_pe/√d (the decoupled RoPE key); at the head that looks
-            up most, the spread of each part across the visible keys, its share of the source's lead over the
-            other keys, and the role's loss when that head attends by one part alone (the other made the same
-            for every key). Figures: attention maps of one worked example (DIR/attention_<name>.png).
+1. roles    next-token loss per token *role* (minimoe.probe: the roles, read from the task's own rendering; the
+            edit test and the misses beside the right digit).
+2. lookup   attention mass on the one token a digit must be copied from, and for MLA the score split into its
+            content and RoPE parts (minimoe.probe). Figures: attention maps of one worked example
+            (DIR/attention_<name>.png).
 3. --grpo   one GRPO step's update (rollout, rewards, advantages, policy_update, as minimoe.rl does it) from
             each checkpoint, then that update applied to one parameter group at a time (groups of
             benchmarks.mla_rl.parameter_group; MLA's wkv_a also split into its latent rows and its RoPE-key rows;
@@ -33,8 +22,8 @@ worked" of lesson 08's table (minimoe.train.heldout_loss with `mix={"worked": 1}
             tokens, exact over the vocabulary. A first AdamW step moves every weight by ±lr (m/√v = g/|g|), so a
             group's update norm is lr·√(its size), and KL/norm² compares how far equal steps move the policy.
 
-Measurements 1 and 2 live in the library (minimoe.probe; lesson 08 uses them on two committed bases); this
-script runs them over many checkpoints, prints the tables, draws the figures and adds 3.
+Measurements 1 and 2 live in the library (lesson 08 uses them on two committed bases); this script runs them over
+many checkpoints, prints the tables, draws the figures and adds 3.
 CPU only (NumPy), a few seconds per model for 1 and 2; --grpo adds ~10 s per model. Run with
 OPENBLAS_NUM_THREADS=1.
 """
