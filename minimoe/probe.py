@@ -28,9 +28,10 @@ import numpy as np
 
 from minimoe import functional as F
 from minimoe.autograd import Tensor, no_grad
+from minimoe.backend import to_host
+from minimoe.nn.attention import MHA
 from minimoe.rewards import ANSWER, ANSWER_END, EOS, THINK, THINK_END
 from minimoe.tasks import build_corpus
-from minimoe.testing import to_numpy
 from minimoe.train import IGNORE, lm_batch
 
 HELDOUT_SEED, HELDOUT_PROBLEMS = 12345, 256  # minimoe.train.heldout_loss's batch, worked solutions only
@@ -87,7 +88,7 @@ def heldout_worked(task, tokenizer, n=HELDOUT_PROBLEMS, seed=HELDOUT_SEED):
     *target* token (-1: prompt or padding), "column" (N, T-1), "source" (N, T-1) sequence position the target
     is copied from (-1: none)}."""
     corpus = build_corpus(task, n, np.random.default_rng(seed), {"worked": 1.0}, split="test")
-    inputs, targets = (to_numpy(a) for a in lm_batch(corpus, tokenizer))
+    inputs, targets = (to_host(a) for a in lm_batch(corpus, tokenizer))
     ids = np.concatenate([inputs, np.where(targets[:, -1:] == IGNORE, tokenizer.pad_id, targets[:, -1:])], axis=1)
     role, column, source = (np.full(ids.shape, -1, dtype=np.int64) for _ in range(3))
     for row, problem in enumerate(corpus.problems):  # labelling only: a few dozen tokens per problem
@@ -133,11 +134,11 @@ def attention_parts(attn, h):
     so that score = content + position for MLA."""
     batch, tokens, _ = h.shape
     with no_grad():
-        if type(attn).__name__ == "MHA":
+        if isinstance(attn, MHA):
             heads = (batch, tokens, attn.n_heads, attn.head_dim)
-            q = to_numpy(attn.rope(attn.wq(h).reshape(heads)).transpose(1, 2).data)  # (B, H, T, D)
-            k = to_numpy(attn.rope(attn.wk(h).reshape(heads)).transpose(1, 2).data)
-            values = to_numpy(attn.wv(h).reshape(heads).transpose(1, 2).data)
+            q = to_host(attn.rope(attn.wq(h).reshape(heads)).transpose(1, 2).data)  # (B, H, T, D)
+            k = to_host(attn.rope(attn.wk(h).reshape(heads)).transpose(1, 2).data)
+            values = to_host(attn.wv(h).reshape(heads).transpose(1, 2).data)
             parts = {"score": q @ k.swapaxes(-1, -2) * attn.softmax_scale}
         else:
             if attn.q_lora_rank:
@@ -146,12 +147,12 @@ def attention_parts(attn, h):
             q_nope, q_pe = F.split(q, [attn.qk_nope_head_dim, attn.qk_rope_head_dim], axis=-1)
             q_pe = attn.rope(q_pe)
             c_kv, k_pe = F.split(attn.wkv_a(h), [attn.kv_lora_rank, attn.qk_rope_head_dim], axis=-1)
-            k_pe = to_numpy(attn.rope(k_pe).data)  # (B, T, dr)
+            k_pe = to_host(attn.rope(k_pe).data)  # (B, T, dr)
             kv = attn.wkv_b(attn.kv_norm(c_kv)).reshape(batch, tokens, attn.n_heads, -1).transpose(1, 2)
-            kv = to_numpy(kv.data)  # (B, H, T, dn + dv)
+            kv = to_host(kv.data)  # (B, H, T, dn + dv)
             k_nope, values = kv[..., :attn.qk_nope_head_dim], kv[..., attn.qk_nope_head_dim:]
-            content = to_numpy(q_nope.transpose(1, 2).data) @ k_nope.swapaxes(-1, -2) * attn.softmax_scale
-            position = to_numpy(q_pe.transpose(1, 2).data) @ k_pe[:, None].swapaxes(-1, -2) * attn.softmax_scale
+            content = to_host(q_nope.transpose(1, 2).data) @ k_nope.swapaxes(-1, -2) * attn.softmax_scale
+            position = to_host(q_pe.transpose(1, 2).data) @ k_pe[:, None].swapaxes(-1, -2) * attn.softmax_scale
             parts = {"content": content, "position": position, "score": content + position}
     parts.update(weights=causal_softmax(parts.pop("score")), values=values)
     return parts
@@ -185,7 +186,7 @@ def trace(model, inputs, only=None):
             attended = (weights @ layers[-1]["values"]).transpose(0, 2, 1, 3).reshape(batch, tokens, -1)
             x = x + layer.attn.wo(Tensor(attended.astype(layers[-1]["values"].dtype)))  # Block.forward, by hand
             x = x + layer.ffn(layer.ffn_norm(x))
-        return to_numpy(model.output(x).data), layers
+        return to_host(model.output(x).data), layers
 
 
 def lookup_mass(layers, data, role_mask):
@@ -246,7 +247,7 @@ def edited_source(model, data, role_mask, tokenizer, shift=5):
     edited = (original + shift) % 10
     inputs[rows, sources] = edited + zero
     with no_grad():
-        logits = to_numpy(model(inputs).data)[rows, queries]  # (M, V)
+        logits = to_host(model(inputs).data)[rows, queries]  # (M, V)
     probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
     probs = probs / probs.sum(axis=-1, keepdims=True)
 
