@@ -16,8 +16,11 @@ The configurations measured for issue 19 (lesson 08, section 8), each the V3-sty
      "route_scale": 2.5, "n_expert_groups": 4, "n_limited_groups": 2}
 plus, one at a time, {"qk_rope_head_dim": 16} or {"kv_lora_rank": 64}; MHA is the default config ({}). Then, on
 the slow seed first, {"kv_lora_rank": 64, "rope_theta": 100.0} with pretraining sections such as {"steps": 1200}
-(the preset, minimoe/presets/v3.json), {"steps": 1100}, {"batch_size": 64, "steps": 2000}, {"min_lr": 1e-3} or
-{"weight_decay": 0.1}; lesson 08, section 8 has the table.
+(the first V3 preset), {"steps": 1100}, {"batch_size": 64, "steps": 2000}, {"min_lr": 1e-3} or
+{"weight_decay": 0.1}. Last, the MoE: that attention with the softmax gate, with the sigmoid gate at route scale 1
+and one group (today's preset, minimoe/presets/v3.json), with groups or route scale 2.5 added, or with
+{"ffn": "dense"}; and GRPO from the same bases at {"lr": 5e-4, "min_lr": 5e-5} against the default 1e-3.
+Lesson 08, section 8 has the tables.
 """
 
 import argparse
