@@ -2,7 +2,8 @@
 that one pretrained base serves several RL recipes.
 
     python -m benchmarks.mla_rl base --config CFG.json --seed 0 --out DIR [--steps N]
-        pretrain exactly as `python -m minimoe demo` does (same config sections, same seeding), then the demo's
+        pretrain exactly as `python -m minimoe demo --preset classic` does (same config sections, same seeding:
+        CFG.json goes over the library's defaults, not over the v3 preset), then the demo's
         evaluation, plus the held-out loss of each answer style; writes DIR/base.json and DIR/pretrain_last.npz
     python -m benchmarks.mla_rl rl --base DIR --config CFG.json --seed 0 --out DIR2
         GRPO from DIR/pretrain_last.npz with the grpo section of CFG.json, the demo's evaluation after, and per
@@ -14,12 +15,12 @@ Run with OPENBLAS_NUM_THREADS=1 and nice. CPU time per run: a base ~86 s, GRPO ~
 The configurations measured for issue 19 (lesson 08, section 8), each the V3-style model section
     {"attention": "mla", "score_func": "sigmoid", "n_shared_experts": 1, "bias_update_speed": 0.001,
      "route_scale": 2.5, "n_expert_groups": 4, "n_limited_groups": 2}
-plus, one at a time, {"qk_rope_head_dim": 16} or {"kv_lora_rank": 64}; MHA is the default config ({}). Then, on
+plus, one at a time, {"qk_rope_head_dim": 16} or {"kv_lora_rank": 64}; MHA is the classic config ({}). Then, on
 the slow seed first, {"kv_lora_rank": 64, "rope_theta": 100.0} with pretraining sections such as {"steps": 1200}
 (the first V3 preset), {"steps": 1100}, {"batch_size": 64, "steps": 2000}, {"min_lr": 1e-3} or
 {"weight_decay": 0.1}. Last, the MoE: that attention with the softmax gate, with the sigmoid gate at route scale 1
-and one group (today's preset, minimoe/presets/v3.json), with groups or route scale 2.5 added, or with
-{"ffn": "dense"}; and GRPO from the same bases at {"lr": 5e-4, "min_lr": 5e-5} against the default 1e-3.
+and one group (today's preset, minimoe/presets/v3.json, the demo's default), with groups or route scale 2.5
+added, or with {"ffn": "dense"}; and GRPO from the same bases at {"lr": 5e-4, "min_lr": 5e-5} against the classic 1e-3.
 Lesson 08, section 8 has the tables.
 """
 

@@ -1,6 +1,6 @@
 """Do the experts specialise? Three experiments over several seeds, written to one JSON file (issue 17).
 
-    rl           the committed demo base model (lessons/data/base_addition3) before and after GRPO, one GRPO run
+    rl           the committed classic demo base model (lessons/data/base_addition3) before and after GRPO, one GRPO run
                  per seed: does RL change who does what? (specialisation U per labelling and layer, the share of
                  tokens whose experts changed, greedy accuracy)
     granularity  coarse (8 experts of width I, top-2) vs fine-grained (16 of width I/2, top-4), each with and

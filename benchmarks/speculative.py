@@ -1,5 +1,5 @@
-"""Speculative decoding with the multi-token prediction draft (minimoe/speculative.py), on the demo model
-pretrained with one MTP module (lessons/data/mtp_addition3: `python -m minimoe train` with the demo's settings and
+"""Speculative decoding with the multi-token prediction draft (minimoe/speculative.py), on the classic demo
+model pretrained with one MTP module (lessons/data/mtp_addition3: `python -m minimoe train --preset classic` with
 {"model": {"n_mtp_modules": 1}}). Held-out addition prompts, greedy decoding up to EOS (at most 40 new tokens),
 two kinds of answer:
 

@@ -1,4 +1,5 @@
-"""A training step of the demo model and of a 4× wider one, minimoe against its PyTorch twin.
+"""A training step of the demo models (classic: MHA and a softmax gate; V3: MLA and a sigmoid gate, the default)
+and of a 4× wider classic one, minimoe against its PyTorch twin.
 
 One step is what `minimoe.train.pretrain` does per batch: forward, cross-entropy on the completion tokens, backward,
 gradient clipping, AdamW, the learning-rate schedule, DeepSeek-V3's routing-bias update, and one host read of the
@@ -12,7 +13,7 @@ from minimoe.optim import AdamW, WarmupCosine
 from minimoe.train import lm_loss, optimizer_step
 
 from .common import Entry, time_in_turns
-from .workload import DEMO, WIDE, addition_batches, build_pair, describe
+from .workload import DEMO, V3, WIDE, addition_batches, build_pair, describe
 
 __all__ = ["run", "minimoe_step", "torch_step"]
 
@@ -49,7 +50,7 @@ def torch_step(twin, next_batch):
 
 def run(device, repeats):
     entries = []
-    for label, config in (("demo model", DEMO), ("4x wider model", WIDE)):
+    for label, config in (("classic demo model", DEMO), ("V3 demo model", V3), ("4x wider classic model", WIDE)):
         model, twin = build_pair(config, device)
         batches = addition_batches(4, BATCH_SIZE, device)
         tokens = batches[0][0][0].shape[1]

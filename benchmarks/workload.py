@@ -1,5 +1,5 @@
-"""The models and the data the benchmarks run: the demo model and a wider one, their PyTorch twins with the same
-weights, and batches of the addition corpus the demo trains on."""
+"""The models and the data the benchmarks run: the demo models (classic and V3) and a wider classic one, their
+PyTorch twins with the same weights, and batches of the addition corpus the demo trains on."""
 
 import dataclasses
 
@@ -7,14 +7,17 @@ import numpy
 
 import minimoe
 from minimoe.model import ModelConfig, Transformer
+from minimoe.preset import load_preset
 from minimoe.rewards import BOS
 from minimoe.tasks import AdditionTask, Tokenizer, build_corpus
 from minimoe.train import lm_batch
 
-__all__ = ["DEMO", "WIDE", "describe", "build_model", "build_pair", "addition_batches", "addition_prompts", "to_torch"]
+__all__ = ["DEMO", "V3", "WIDE", "describe", "build_model", "build_pair", "addition_batches", "addition_prompts",
+           "to_torch"]
 
 VOCAB_SIZE = Tokenizer().vocab_size
-DEMO = ModelConfig(vocab_size=VOCAB_SIZE)  # the demo's model, ~0.26M parameters
+DEMO = ModelConfig(vocab_size=VOCAB_SIZE)  # the classic demo model (`--preset classic`), ~0.26M parameters
+V3 = ModelConfig(vocab_size=VOCAB_SIZE, **load_preset("v3")["model"])  # the demo's default model, ~0.27M parameters
 # Every width 4× the demo's (model, feed-forward, experts, heads, MLA latent); layers, heads and experts unchanged.
 WIDE = dataclasses.replace(DEMO, dim=4 * DEMO.dim, inter_dim=4 * DEMO.inter_dim, moe_inter_dim=4 * DEMO.moe_inter_dim,
                            kv_lora_rank=4 * DEMO.kv_lora_rank, qk_nope_head_dim=4 * DEMO.qk_nope_head_dim,

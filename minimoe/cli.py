@@ -13,6 +13,10 @@ whose sections override the defaults, e.g. {"model": {"dim": 96}, "pretrain": {"
 each section and field of --config (type, range, consistency), and, where a model comes from a checkpoint, that
 the --config model fields agree with it. An error prints one line, `minimoe: error: …`, and exits with status 2
 (--debug shows the traceback).
+
+demo, train and rl start from a preset (minimoe/preset.py), --config goes on top of it: --preset v3 (the default)
+is DeepSeek-V3's architecture in miniature (Multi-head Latent Attention, a sigmoid gate, GRPO at 5e-4); --preset
+classic is the library's own defaults (multi-head attention, a softmax gate, GRPO at 1e-3).
 """
 
 import argparse
@@ -30,6 +34,7 @@ from .evaluate import check_evaluation, evaluate
 from .generate import sample_responses
 from .loop import RunFolder, RunFolderError
 from .model import ModelConfig, Transformer
+from .preset import DEFAULT_PRESET, PRESETS, load_preset
 from .rl import GRPOConfig, train_grpo
 from .tasks import AdditionTask, CountdownTask, Problem, Tokenizer, build_corpus
 from .train import PretrainConfig, TrainingDiverged, pretrain
@@ -44,7 +49,8 @@ METRICS = [("accuracy", "greedy accuracy"), ("pass_at_1", "pass@1 (T=1)"), ("pas
 # write, a diverged run. Anything else is a bug, and keeps its traceback.
 ERRORS = (ValueError, OSError, TrainingDiverged, RunFolderError, backend.BackendUnavailableError)
 BACKENDS = ("numpy", "cupy", "fakegpu")
-RESUME_FIX = "--resume continues a run as it was started: give it the same --config and --seed, or start a new run"
+RESUME_FIX = ("--resume continues a run as it was started: give it the same --preset, --config and --seed, or start a "
+              "new run")
 JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
               bool: "a boolean", type(None): "null"}
 
@@ -58,11 +64,16 @@ def _unique_keys(pairs):
     return dict(pairs)
 
 
-def _load_config(path):
-    """The --config overrides, checked for shape: a JSON object whose keys are known sections, each section an
-    object (its fields are checked by `_setup`), "task" one of TASKS. Errors name the file (and line, column)."""
+def _load_config(path, preset=None):
+    """The settings of a run: the preset's sections (minimoe.preset; none for a command without --preset), then
+    the --config overrides on top, field by field. The file is checked for shape: a JSON object whose keys are
+    known sections, each section an object (its fields are checked by `_setup`), "task" one of TASKS. Errors name
+    the file (and line, column). config["given"] keeps the file's own "model" fields, the ones a checkpoint's
+    model must agree with."""
     config = {"model": {}, "pretrain": {}, "grpo": {}, "eval": {}, "distill": {}, "task": "addition3",
-              "source": "--config"}
+              "source": "--config", "preset": preset, "given": {}}
+    for section, fields in (load_preset(preset) if preset else {}).items():
+        config[section] = fields
     if not path:
         return config
     where = config["source"] = f"--config {path}"
@@ -88,7 +99,8 @@ def _load_config(path):
                 raise ConfigError(f'{where}: "task" must be one of {sorted(TASKS)}, got {value!r}')
         elif not isinstance(value, dict):
             raise ConfigError(f'{where}: section "{key}" must be an object of fields, got {json.dumps(value)}')
-        config[key] = value
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    config["given"] = overrides.get("model", {})
     return config
 
 
@@ -106,7 +118,7 @@ def _setup(args):
     Returns (config, task, tokenizer); config holds the validated "model_config" (for a new model),
     "pretrain_config", "grpo_config" and "eval_settings", and the raw "model" overrides (to compare with a
     model loaded from a checkpoint)."""
-    config = _load_config(args.config)
+    config = _load_config(args.config, getattr(args, "preset", None))
     task, tokenizer = TASKS[config["task"]](), Tokenizer()
     problems = []  # every bad section at once, not one per run
     defaults = {"model": {"vocab_size": tokenizer.vocab_size}, "pretrain": {"seed": args.seed},
@@ -165,7 +177,7 @@ def _load_model(path, config, tokenizer):
     """A model from a checkpoint, after checking that the --config model fields (if any) describe it and that
     the tokenizer fits its vocabulary."""
     model, state = load_checkpoint(path, restore_random_state=False)
-    _refuse_differences(f"checkpoint {path}", config["model"], model.config.to_dict(), "model",
+    _refuse_differences(f"checkpoint {path}", config["given"], model.config.to_dict(), "model",
                         'the checkpoint defines the model: drop these fields from the --config "model" section')
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"checkpoint {path}: vocab_size={model.config.vocab_size} is smaller than the tokenizer's "
@@ -261,8 +273,8 @@ def _demo(args, started, config, task, tokenizer, out):
     grpo_config, evaluation = config["grpo_config"], config["eval_settings"]
     model = Transformer(model_config)
     counts = model.parameter_counts()
-    print(f"minimoe demo: {counts['total']:,} parameters ({counts['activated']:,} active per token), "
-          f"task {config['task']}, backend {args.backend}, seed {args.seed}, run folder {out}")
+    print(f"minimoe demo: preset {config['preset']}, {counts['total']:,} parameters ({counts['activated']:,} active "
+          f"per token), task {config['task']}, backend {args.backend}, seed {args.seed}, run folder {out}")
 
     pretrain_history = pretrain(model, task, pretrain_config, tokenizer, out_dir=out, progress=not args.quiet,
                                 overwrite=args.overwrite)
@@ -282,7 +294,7 @@ def _demo(args, started, config, task, tokenizer, out):
     plot_expert_load({"pretraining": pretrain_history, "GRPO": rl_history}, os.path.join(out, "expert_load.png"))
     summary = {"before": before, "after": after, "seconds": time.perf_counter() - started,
                "pretrain_seconds": pretrain_history["seconds"], "rl_seconds": rl_history["seconds"],
-               "task": config["task"], "seed": args.seed, "backend": args.backend,
+               "task": config["task"], "preset": config["preset"], "seed": args.seed, "backend": args.backend,
                "parameters": counts, "model": model_config.to_dict(), "pretrain": pretrain_config.to_dict(),
                "grpo": grpo_config.to_dict(), "eval": evaluation, "rl_warnings": rl_history["warnings"],
                "samples": {"before": before_samples, "after": after_samples}}
@@ -412,7 +424,7 @@ def command_distill(args):
     # The arms' own defaults: GRPO gentler than the demo's (it must not undo (c)'s SFT), no held-out loss evaluations
     config["grpo_config"] = _section(config, "grpo", GRPOConfig, seed=args.seed, lr=2e-4, min_lr=2e-5)
     config["pretrain_config"] = _section(config, "pretrain", PretrainConfig, seed=args.seed, eval_every=0)
-    teacher = _load_model(args.teacher, {"model": {}}, tokenizer)[0]
+    teacher = _load_model(args.teacher, {"given": {}}, tokenizer)[0]
     student = _load_model(args.student, config, tokenizer)[0] if args.student else None
     try:
         student_model = student.config if student else student_config(teacher.config, **config["model"])
@@ -486,6 +498,11 @@ def build_parser():
         sub[name].add_argument("--overwrite", action="store_true",
                                help="replace the run that --out holds (refused without it)")
         sub[name].set_defaults(resume=False, checkpoint=None)  # shared code may read them on any training command
+    for name in ("demo", "train", "rl"):
+        sub[name].add_argument("--preset", choices=PRESETS, default=DEFAULT_PRESET,
+                               help=f"the settings --config starts from (default {DEFAULT_PRESET}: DeepSeek-V3's "
+                                    "architecture in miniature; classic: multi-head attention and a softmax gate; "
+                                    "see minimoe/preset.py)")
     for name in ("train", "rl"):
         sub[name].add_argument("--resume", action="store_true", help="continue the run in --out")
     sub["train"].add_argument("--checkpoint", help="start a new run from this checkpoint's weights (a fresh "

@@ -181,7 +181,7 @@ def test_tokenizer_json_matches_minimoe_tokenizer(tmp_path):
 
 
 def test_the_shipped_v3_preset_exports_exactly(tmp_path, float64):
-    """minimoe/presets/v3.json (`python -m minimoe demo --config minimoe/presets/v3.json`) is DeepSeek-V3's
+    """minimoe/presets/v3.json (`python -m minimoe demo`'s default preset) is DeepSeek-V3's
     architecture in miniature: MLA, sigmoid gate, shared expert, aux-loss-free bias (route scale 1 and one group
     at 8 experts: lesson 08 section 8 measured why)."""
     from importlib import resources

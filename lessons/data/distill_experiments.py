@@ -1,6 +1,7 @@
 """How lessons/data/distill_results.json was made (lesson 12 reads it; remaking it takes ~8 CPU minutes).
 
-    python -m minimoe rl --checkpoint lessons/data/base_addition3 --out runs/teacher      # the teacher (demo GRPO)
+    # the teacher: the classic demo's GRPO (learning rate 1e-3)
+    python -m minimoe rl --preset classic --checkpoint lessons/data/base_addition3 --out runs/teacher
     # lessons/data/teacher_addition3.npz is runs/teacher/rl_last's weights (save_checkpoint(path, model))
     for seed in 0 1 2; do                  # the distill defaults, 8 samples per problem for pass@8
         python -m minimoe distill --teacher lessons/data/teacher_addition3 --out runs/distill-$seed --seed $seed \
