@@ -199,6 +199,27 @@ def test_the_shipped_v3_preset_exports_exactly(tmp_path, float64):
                         FLOAT64_RTOL)
 
 
+def test_the_demo_base_model_runs_in_transformers(tmp_path, float64):
+    """The model the demo trains by default, as it ships with lesson 10 (the v3 preset, pretrained): exported by the
+    CLI, loaded by transformers, it gives minimoe's logits and minimoe's greedy answers to held-out problems."""
+    from minimoe.checkpoint import load_checkpoint
+    from minimoe.cli import main
+
+    checkpoint = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lessons", "data",
+                              "v3_base_addition3")
+    main(["export-hf", "--checkpoint", checkpoint, "--out", str(tmp_path / "hf")])
+    model = load_checkpoint(checkpoint, restore_random_state=False)[0].eval()
+    hf_model = load_transformers(tmp_path / "hf", torch.float64)
+    tokenizer = Tokenizer()
+    prompts = [p.prompt for p in AdditionTask(3).sample(np.random.default_rng(0), 8, split="test")]
+    ours = np.array([tokenizer.encode("<bos>" + p) for p in prompts])  # (8, 9)
+    assert_logits_close(model(ours).data, their_logits(hf_model, ours), FLOAT64_RTOL)
+    mine = generate(model, ours, 12, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, greedy=True).responses
+    with torch.no_grad():
+        out = hf_model.generate(torch.from_numpy(ours), max_new_tokens=12, do_sample=False)[:, ours.shape[1]:]
+    np.testing.assert_array_equal(out.numpy(), mine[:, :out.shape[1]])
+
+
 # ---- round trip ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["q_lora_groups_dense_first", "no_shared_experts", "dense"])
@@ -304,8 +325,8 @@ def test_export_refuses_what_deepseek_v3_cannot_express(tmp_path, overrides, fie
     assert not (tmp_path / "out").exists()  # refused before writing anything
 
 
-def test_the_default_model_is_refused_with_both_fields_named(tmp_path):
-    """Today's default (MHA attention, softmax gate) names both fields at once."""
+def test_the_classic_model_is_refused_with_both_fields_named(tmp_path):
+    """ModelConfig's own defaults, the classic preset (MHA attention, softmax gate), name both fields at once."""
     with pytest.raises(HFFormatError, match="attention='mha'.*\n.*score_func='softmax'"):
         export_hf(Transformer(ModelConfig()), tmp_path)
 
