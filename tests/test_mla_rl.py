@@ -55,7 +55,7 @@ def test_allow_weak_base_runs_anyway_and_records_the_warning(capsys):
 
 @pytest.mark.parametrize("preset, base", [("v3", "v3_base_addition3"), ("classic", "base_addition3")])
 def test_the_committed_base_models_pass_the_floor(preset, base, capsys):
-    """The default (V3) base of lesson 10 and the classic base of lessons 00, 11, 12 and 15, with their presets'
+    """The default (V3) base of lesson 10 and the classic base of lessons 11, 12 and 15, with their presets'
     GRPO settings: no warning, and most of the first step's groups hold a right answer (held-out pass@8 of the V3
     base is ~0.71, of the classic one ~0.96)."""
     model = load_checkpoint(os.path.join(DATA, base), restore_random_state=False)[0]
