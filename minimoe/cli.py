@@ -116,8 +116,8 @@ def _setup(args):
     """Check everything, then do the cheap global setup. In order: the --config file and every section of it (so
     a bad eval `k` stops the demo before pretraining, not after), then the backend, the BLAS threads and the seed.
     Returns (config, task, tokenizer); config holds the validated "model_config" (for a new model),
-    "pretrain_config", "grpo_config" and "eval_settings", and the raw "model" overrides (to compare with a
-    model loaded from a checkpoint)."""
+    "pretrain_config", "grpo_config" and "eval_settings", the merged sections, and in "given" the --config
+    file's own "model" fields (to compare with a model loaded from a checkpoint)."""
     config = _load_config(args.config, getattr(args, "preset", None))
     task, tokenizer = TASKS[config["task"]](), Tokenizer()
     problems = []  # every bad section at once, not one per run

@@ -226,8 +226,8 @@ def abort_on_error(comm):
         message = "".join(traceback.format_exception(error))
         sys.stderr.write(f"[rank {comm.rank} of {comm.size}] {message}")
         sys.stderr.flush()
-        # mpiexec forwards a rank's stderr on its own schedule, and an abort can kill the job before it has: on a
-        # busy machine the message was lost (an error with no reason). A moment's pause on this error path lets it out.
+        # mpiexec forwards a rank's stderr on its own schedule, and an abort can end the job before it has: once,
+        # on a busy machine, the message was lost (an error with no reason). A moment's pause here lets it out.
         time.sleep(1.0)
         comm.abort(1)
 
