@@ -2,8 +2,9 @@
 
 It checks the CuPy path end to end and prints a summary to paste into an issue:
   1. the op suite on CuPy (pytest on the tests parametrized over backends, CuPy's cases only);
-  2. the demo model on CuPy against NumPy: one training step (loss, every gradient, the parameters after AdamW)
-     and greedy generation, within float32 tolerances;
+  2. both demo models (the default v3 preset: MLA and a sigmoid gate; the classic one: MHA and a softmax gate) on
+     CuPy against NumPy: one training step (loss, every gradient, the parameters after AdamW) and greedy
+     generation, within float32 tolerances;
   3. the benchmark suite, `python -m benchmarks --backend cupy --quick` (minimoe on CuPy against PyTorch on CUDA).
 On a machine without a usable GPU it says why and exits with status 2. `--backend fakegpu` rehearses steps 1-2 on
 the CPU stand-in.
@@ -43,19 +44,27 @@ def _relative(a, b):
     return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-12))
 
 
-def compare_with_numpy(device_backend, batch=16, length=41, new_tokens=10):
-    """The demo model on `device_backend` against the same model on NumPy: a training step and greedy generation."""
+def compare_with_numpy(device_backend, batch=16, length=41, new_tokens=10, presets=("v3", "classic")):
+    """Each preset's demo model on `device_backend` against the same model on NumPy: a training step and greedy
+    generation. Five checks per preset."""
+    return [check for preset in presets
+            for check in _compare_model(device_backend, preset, batch, length, new_tokens)]
+
+
+def _compare_model(device_backend, preset, batch, length, new_tokens):
     from .generate import generate
     from .model import ModelConfig, Transformer
     from .optim import AdamW
+    from .preset import load_preset
     from .train import lm_loss
 
-    ids = np.random.default_rng(0).integers(0, ModelConfig().vocab_size, (batch, length))
+    config = ModelConfig(**load_preset(preset)["model"])
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (batch, length))
     results = {}
     for name in ("numpy", device_backend):
         with backend.use_backend(name) as chosen:
             backend.manual_seed(0)
-            model = Transformer(ModelConfig())
+            model = Transformer(config)
             optimizer = AdamW(model.parameters(), lr=1e-3)
             device_ids = chosen.asarray(ids)
             loss, _ = lm_loss(model, device_ids[:, :-1], device_ids[:, 1:])
@@ -74,7 +83,7 @@ def compare_with_numpy(device_backend, batch=16, length=41, new_tokens=10):
     after_error = max(_relative(dev["after"][n], p) for n, p in cpu["after"].items())
     logit_error = _relative(dev["logits"], cpu["logits"])
     agreement = float((dev["tokens"] == cpu["tokens"]).mean())
-    where = f"{device_backend} vs numpy"
+    where = f"{preset} model, {device_backend} vs numpy"
     return [
         Check(f"training step loss ({where})", loss_error <= 1e-4,
               f"{dev['loss']:.6f} vs {cpu['loss']:.6f} (relative difference {loss_error:.1e}, tolerance 1e-4)"),

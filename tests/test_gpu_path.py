@@ -361,4 +361,6 @@ def test_gpucheck_comparison_passes_on_the_stand_in():
     from minimoe.gpucheck import compare_with_numpy
 
     checks = compare_with_numpy("fakegpu", batch=4, length=17, new_tokens=4)
-    assert len(checks) == 5 and all(check.ok for check in checks), "\n".join(map(str, checks))
+    assert len(checks) == 10 and all(check.ok for check in checks), "\n".join(map(str, checks))
+    for preset in ("v3", "classic"):  # the default model and the classic one, five checks each
+        assert sum(f"{preset} model" in check.name for check in checks) == 5
