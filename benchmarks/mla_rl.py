@@ -20,7 +20,7 @@ the slow seed first, {"kv_lora_rank": 64, "rope_theta": 100.0} with pretraining 
 (the first V3 preset), {"steps": 1100}, {"batch_size": 64, "steps": 2000}, {"min_lr": 1e-3} or
 {"weight_decay": 0.1}. Last, the MoE: that attention with the softmax gate, with the sigmoid gate at route scale 1
 and one group (today's preset, minimoe/presets/v3.json, the demo's default), with groups or route scale 2.5
-added, or with {"ffn": "dense"}; and GRPO from the same bases at {"lr": 5e-4, "min_lr": 5e-5} against the classic 1e-3.
+added, with route scale 0.5, the softmax gate at route scale 2, or {"ffn": "dense"}; and GRPO from the same bases at {"lr": 5e-4, "min_lr": 5e-5} against the classic 1e-3.
 Lesson 08, section 8 has the tables.
 """
 
